@@ -8,7 +8,7 @@
 #ifndef RSEQ_PY_ARCH_GENERIC_H
 #define RSEQ_PY_ARCH_GENERIC_H
 
-#include "../abi.h"
+#include "rseq/abi.h"
 
 /* Used only to register an area so the kernel maintains cpu_id; no critical
  * section is ever run, so no abort handler carries it. The value is the one

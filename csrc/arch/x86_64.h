@@ -8,7 +8,7 @@
 #ifndef RSEQ_PY_ARCH_X86_64_H
 #define RSEQ_PY_ARCH_X86_64_H
 
-#include "../abi.h"
+#include "rseq/abi.h"
 
 /* The x86 signature (glibc, librseq and the kernel selftests agree on it).
  * It is placed in the instruction stream as the 4-byte immediate of a

@@ -1,5 +1,5 @@
 /*
- * abi.h - the Linux rseq ABI, defined once for C and for assembly.
+ * rseq/abi.h - the Linux rseq ABI, defined once for C and for assembly.
  *
  * Every offset, flag and size the package relies on lives here and nowhere
  * else: the C code uses the struct, the inline assembly uses the RSEQ_OFF_*

@@ -1,0 +1,27 @@
+/*
+ * core.h - the umbrella header of the rseq._core topic files: module state,
+ * the helpers they share, and the method-table entries each file exports.
+ */
+#ifndef RSEQ_PY_CORE_H
+#define RSEQ_PY_CORE_H
+
+#include <Python.h>
+
+typedef struct {
+    PyObject *RseqError;
+    PyObject *Unsupported;
+    PyObject *RegistrationError;
+    PyObject *NotOwnedWarning;
+} rseq_module_state;
+
+/* "EINVAL" for EINVAL; "errno 123" for a value without a name here. */
+const char *errno_name(int err);
+
+/* inspect.c: PTRACE_GET_RSEQ_CONFIGURATION of another process's thread. */
+PyObject *rseq_py_thread_configuration(PyObject *module, PyObject *arg);
+#define RSEQ_INSPECT_METHODS \
+    {"thread_configuration", rseq_py_thread_configuration, METH_O, \
+     rseq_py_thread_configuration_doc},
+extern const char rseq_py_thread_configuration_doc[];
+
+#endif /* RSEQ_PY_CORE_H */

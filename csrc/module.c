@@ -1,0 +1,485 @@
+/*
+ * module.c - the rseq._core extension module: method table, exceptions,
+ * module state and the C API capsule.  The real work is in the topic files
+ * (registration.c, ...); this file only binds them to Python.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include <errno.h>
+#include <string.h>
+#include <sys/prctl.h>
+
+#include "core.h"
+#include "registration.h"
+#include "rseq/capi.h"
+
+/* ------------------------------------------------------------------------
+ * Module state
+ * ------------------------------------------------------------------------ */
+
+static inline rseq_module_state *get_state(PyObject *module)
+{
+    return (rseq_module_state *)PyModule_GetState(module);
+}
+
+/* ------------------------------------------------------------------------
+ * Fast reads
+ * ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(cpu_doc,
+"cpu($module, /)\n--\n\n"
+"The CPU the calling thread runs on: one load from the thread's rseq area,\n"
+"else sched_getcpu(), else the getcpu system call.  The answer may be stale\n"
+"as soon as it is returned: the thread may migrate at any instant.");
+
+static PyObject *py_cpu(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    int cpu = rseq_current_cpu();
+    if (__builtin_expect(cpu >= 0, 1))
+        return PyLong_FromLong(cpu);
+    return PyErr_SetFromErrno(PyExc_OSError);
+    (void)module;
+}
+
+PyDoc_STRVAR(node_doc,
+"node($module, /)\n--\n\n"
+"The NUMA node of the calling thread's CPU: the rseq node_id field where\n"
+"the registration covers it, else getcpu() (vDSO), else the system call.");
+
+static PyObject *py_node(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    struct rseq_thread *t = rseq_thread_get();
+    if (t && t->area && t->usable_size >= RSEQ_END_NODE_ID
+        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
+        return PyLong_FromLong((long)__atomic_load_n(&t->area->node_id, __ATOMIC_RELAXED));
+    int node = rseq_fallback_node();
+    if (node < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(node);
+}
+
+PyDoc_STRVAR(mm_cid_doc,
+"mm_cid($module, /)\n--\n\n"
+"The calling thread's concurrency ID: a small per-process index, below both\n"
+"the number of threads and the number of CPUs, that no other running thread\n"
+"of the process has at this instant (Linux 6.3).  Raises rseq.Unsupported\n"
+"when the registration does not cover the field: glibc's 20-byte\n"
+"registration does not (run with GLIBC_TUNABLES=glibc.pthread.rseq=0 to let\n"
+"rseq register a full area), nor does a kernel older than 6.3.");
+
+static PyObject *py_mm_cid(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    struct rseq_thread *t = rseq_thread_get();
+    if (t && t->area && t->usable_size >= RSEQ_END_MM_CID
+        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
+        return PyLong_FromLong((long)__atomic_load_n(&t->area->mm_cid, __ATOMIC_RELAXED));
+    rseq_module_state *st = get_state(module);
+    if (!t || !t->area)
+        PyErr_Format(st->Unsupported,
+                     "mm_cid is not available: this thread has no rseq area (%s)",
+                     t ? rseq_fallback_reason(t) : "out of memory");
+    else
+        PyErr_Format(st->Unsupported,
+                     "mm_cid is not available: the %s registration makes %u bytes "
+                     "usable and mm_cid needs %d (kernel feature size %lu)%s",
+                     rseq_owner_name(t->owner), t->usable_size, RSEQ_END_MM_CID,
+                     rseq_process_get()->feature_size,
+                     t->owner == RSEQ_OWNER_GLIBC
+                         ? "; set GLIBC_TUNABLES=glibc.pthread.rseq=0 to let rseq register a full area"
+                         : "");
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------
+ * Registration
+ * ------------------------------------------------------------------------ */
+
+static PyObject *raise_registration_error(rseq_module_state *st, int err, const char *what)
+{
+    PyObject *args = Py_BuildValue("(is)", err, what);
+    if (args) {
+        PyErr_SetObject(st->RegistrationError, args);
+        Py_DECREF(args);
+    }
+    return NULL;
+}
+
+PyDoc_STRVAR(register_doc,
+"register($module, /)\n--\n\n"
+"Take a reference on the calling thread's rseq registration, registering an\n"
+"area now if nobody has.  Returns the thread's reference count.  The\n"
+"registration lives until every register() has been matched by an\n"
+"unregister() (or the thread exits).  Raises rseq.RegistrationError when the\n"
+"thread cannot be registered (errno says why) and OverflowError when the\n"
+"count would pass 2**32 - 1.");
+
+static PyObject *py_register(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    rseq_module_state *st = get_state(module);
+    int ret = rseq_thread_register();
+    if (ret == -EOVERFLOW) {
+        PyErr_SetString(PyExc_OverflowError,
+                        "rseq.register(): the thread's reference count is at its "
+                        "limit (2**32 - 1)");
+        return NULL;
+    }
+    if (ret == -ENOMEM)
+        return PyErr_NoMemory();
+    if (ret < 0) {
+        struct rseq_thread *t = rseq_thread_peek();
+        return raise_registration_error(st, -ret,
+            t ? rseq_fallback_reason(t) : strerror(-ret));
+    }
+    return PyLong_FromUnsignedLong(rseq_thread_peek()->refcount);
+}
+
+PyDoc_STRVAR(unregister_doc,
+"unregister($module, /)\n--\n\n"
+"Drop a reference taken by register().  Returns True when this call released\n"
+"the kernel registration (the last reference to an area rseq registered),\n"
+"False otherwise.  A registration owned by glibc or librseq is never\n"
+"touched: the call only drops the reference, and when there is none to\n"
+"drop it is a no-op that says so with rseq.NotOwnedWarning.\n"
+"Raises rseq.RegistrationError (EINVAL) for an unregister() with no\n"
+"register() outstanding.");
+
+static PyObject *py_unregister(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    rseq_module_state *st = get_state(module);
+    int not_owned = 0;
+    int ret = rseq_thread_unregister(&not_owned);
+    if (ret == -ENOMEM)
+        return PyErr_NoMemory();
+    if (ret == -EINVAL)
+        return raise_registration_error(st, EINVAL,
+            "rseq.unregister() without a matching rseq.register()");
+    if (ret < 0)
+        return raise_registration_error(st, -ret, "rseq(2) RSEQ_FLAG_UNREGISTER failed");
+    if (not_owned) {
+        struct rseq_thread *t = rseq_thread_peek();
+        const char *owner = t ? rseq_owner_name(t->owner) : NULL;
+        if (PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                "this thread's rseq registration is %s%s; rseq.unregister() "
+                "left it in place", owner ? "owned by " : "not registered",
+                owner ? owner : "") < 0)
+            return NULL;
+    }
+    return PyBool_FromLong(ret == 1);
+}
+
+PyDoc_STRVAR(registration_count_doc,
+"registration_count($module, /)\n--\n\n"
+"The calling thread's register() reference count.");
+
+static PyObject *py_registration_count(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    struct rseq_thread *t = rseq_thread_peek();
+    return PyLong_FromUnsignedLong(t ? t->refcount : 0);
+}
+
+static PyObject *py_set_refcount(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    unsigned long count = PyLong_AsUnsignedLong(arg);
+    if (count == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (count > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "count must fit in 32 bits");
+        return NULL;
+    }
+    rseq_thread_set_refcount((uint32_t)count);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(rseq_syscall_doc,
+"rseq_syscall($module, address, length, flags, signature, /)\n--\n\n"
+"The raw rseq(2) system call: returns 0 or -errno, never raises for the\n"
+"call's own failure.  For conformance tests: registering or unregistering\n"
+"memory this way bypasses every safety of the package.");
+
+static PyObject *py_rseq_syscall(PyObject *module, PyObject *args)
+{
+    (void)module;
+    unsigned long long address;
+    unsigned int length, signature;
+    int flags;
+    if (!PyArg_ParseTuple(args, "KIiI:rseq_syscall", &address, &length, &flags, &signature))
+        return NULL;
+    int ret;
+    Py_BEGIN_ALLOW_THREADS
+    ret = rseq_syscall((void *)(uintptr_t)address, length, flags, signature);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(ret);
+}
+
+/* ------------------------------------------------------------------------
+ * Feature discovery
+ * ------------------------------------------------------------------------ */
+
+static const struct { const char *name; int end; } field_table[] = {
+    {"cpu_id_start", RSEQ_END_CPU_ID_START},
+    {"cpu_id", RSEQ_END_CPU_ID},
+    {"rseq_cs", RSEQ_END_RSEQ_CS},
+    {"flags", RSEQ_END_FLAGS},
+    {"node_id", RSEQ_END_NODE_ID},
+    {"mm_cid", RSEQ_END_MM_CID},
+    {"slice_ctrl", RSEQ_END_SLICE_CTRL},
+};
+
+static int dict_set(PyObject *d, const char *key, PyObject *value)
+{
+    if (!value)
+        return -1;
+    int ret = PyDict_SetItemString(d, key, value);
+    Py_DECREF(value);
+    return ret;
+}
+
+static PyObject *none_or_string(const char *s)
+{
+    if (s)
+        return PyUnicode_FromString(s);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(info_dict_doc,
+"info_dict($module, /)\n--\n\n"
+"The facts behind rseq.info(), as a dict, for the calling thread.");
+
+static PyObject *py_info_dict(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    const struct rseq_process *p = rseq_process_get();
+    struct rseq_thread *t = rseq_thread_get();
+    if (!t)
+        return PyErr_NoMemory();
+    PyObject *d = PyDict_New();
+    if (!d)
+        return NULL;
+    PyObject *fields = PyList_New(0);
+    if (!fields)
+        goto fail;
+    for (size_t i = 0; t->area && i < sizeof field_table / sizeof field_table[0]; i++) {
+        if ((uint32_t)field_table[i].end > t->usable_size)
+            continue;
+        PyObject *name = PyUnicode_FromString(field_table[i].name);
+        if (!name || PyList_Append(fields, name) < 0) {
+            Py_XDECREF(name);
+            Py_DECREF(fields);
+            goto fail;
+        }
+        Py_DECREF(name);
+    }
+    if (dict_set(d, "fields", PyList_AsTuple(fields)) < 0) {
+        Py_DECREF(fields);
+        goto fail;
+    }
+    Py_DECREF(fields);
+
+    uint32_t flags = t->area ? __atomic_load_n(&t->area->flags, __ATOMIC_RELAXED) : 0;
+    /* PR_RSEQ_SLICE_EXTENSION GET: a 7.0 kernel answers the thread's state;
+     * older kernels answer EINVAL.  Reported as an errno name or "enabled". */
+    int slice_prctl = prctl(RSEQ_PR_SLICE_EXTENSION, RSEQ_PR_SLICE_EXTENSION_GET, 0, 0, 0);
+    int slice_errno = slice_prctl < 0 ? errno : 0;
+
+    if (dict_set(d, "kernel", PyBool_FromLong(p->kernel == 1)) < 0
+        || dict_set(d, "kernel_probe", PyUnicode_FromString(
+               p->kernel == 1 ? "ok" : p->kernel == 0 ? "ENOSYS" : "EPERM")) < 0
+        || dict_set(d, "feature_size", PyLong_FromUnsignedLong(p->feature_size)) < 0
+        || dict_set(d, "alignment", PyLong_FromUnsignedLong(p->alignment)) < 0
+        || dict_set(d, "owner", none_or_string(t->area ? rseq_owner_name(t->owner) : NULL)) < 0
+        || dict_set(d, "process_owner", none_or_string(rseq_owner_name(p->owner))) < 0
+        || dict_set(d, "registered_size", PyLong_FromUnsignedLong(t->area ? t->registered_size : 0)) < 0
+        || dict_set(d, "usable_size", PyLong_FromUnsignedLong(t->area ? t->usable_size : 0)) < 0
+        || dict_set(d, "area_address", t->area ? PyLong_FromVoidPtr(t->area) : Py_NewRef(Py_None)) < 0
+        || dict_set(d, "signature", PyLong_FromUnsignedLong(RSEQ_SIG)) < 0
+        || dict_set(d, "possible_cpus", PyLong_FromLong(p->possible_cpus)) < 0
+        || dict_set(d, "fallback", none_or_string(rseq_fallback_reason(t))) < 0
+        || dict_set(d, "fallback_errno", t->fallback_errno
+                        ? PyUnicode_FromString(errno_name(t->fallback_errno))
+                        : Py_NewRef(Py_None)) < 0
+        || dict_set(d, "registration_count", PyLong_FromUnsignedLong(t->refcount)) < 0
+        || dict_set(d, "slice_extension", PyBool_FromLong(
+               (flags >> RSEQ_FLAGS_SLICE_EXT_AVAILABLE_BIT) & 1)) < 0
+        || dict_set(d, "slice_extension_enabled", PyBool_FromLong(
+               (flags >> RSEQ_FLAGS_SLICE_EXT_ENABLED_BIT) & 1)) < 0
+        || dict_set(d, "slice_extension_prctl", PyUnicode_FromString(
+               slice_errno ? errno_name(slice_errno)
+                           : slice_prctl ? "enabled" : "disabled")) < 0
+        || dict_set(d, "arch", PyUnicode_FromString(RSEQ_ARCH_NAME)) < 0
+        || dict_set(d, "critical_sections", PyBool_FromLong(RSEQ_ARCH_HAS_CS && t->area)) < 0)
+        goto fail;
+    return d;
+fail:
+    Py_DECREF(d);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------------
+ * C API capsule
+ * ------------------------------------------------------------------------ */
+
+static struct rseq_abi *capi_thread_area(void)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    return t ? t->area : NULL;
+}
+
+static uint32_t capi_thread_area_size(void)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    return t && t->area ? t->usable_size : 0;
+}
+
+static int capi_register(void) { return rseq_thread_register(); }
+
+static int capi_unregister(void)
+{
+    int not_owned;
+    return rseq_thread_unregister(&not_owned);
+}
+
+static const struct rseq_capi capi = {
+    .size = offsetof(struct rseq_capi, current_index),
+    .version = 1,
+    .signature = RSEQ_SIG,
+    .thread_area = capi_thread_area,
+    .thread_area_size = capi_thread_area_size,
+    .current_cpu = rseq_fallback_cpu,
+    .register_thread = capi_register,
+    .unregister_thread = capi_unregister,
+};
+
+/* ------------------------------------------------------------------------
+ * Module definition
+ * ------------------------------------------------------------------------ */
+
+static PyMethodDef module_methods[] = {
+    {"cpu", py_cpu, METH_NOARGS, cpu_doc},
+    {"node", py_node, METH_NOARGS, node_doc},
+    {"mm_cid", py_mm_cid, METH_NOARGS, mm_cid_doc},
+    {"register", py_register, METH_NOARGS, register_doc},
+    {"unregister", py_unregister, METH_NOARGS, unregister_doc},
+    {"registration_count", py_registration_count, METH_NOARGS, registration_count_doc},
+    {"info_dict", py_info_dict, METH_NOARGS, info_dict_doc},
+    {"rseq_syscall", py_rseq_syscall, METH_VARARGS, rseq_syscall_doc},
+    {"_set_registration_count", py_set_refcount, METH_O,
+     "Tests only: set the calling thread's reference count."},
+    RSEQ_INSPECT_METHODS
+    {NULL, NULL, 0, NULL},
+};
+
+PyDoc_STRVAR(Unsupported_doc,
+"A capability this machine, kernel, libc or registration lacks.\n\n"
+"The message names the missing layer (kernel, libc, field).");
+PyDoc_STRVAR(RseqError_doc, "Base class of the errors raised by rseq.");
+PyDoc_STRVAR(RegistrationError_doc,
+"rseq(2) registration or unregistration failed; errno says why\n"
+"(ENOSYS: no kernel support; EPERM: denied by seccomp; EINVAL/EBUSY:\n"
+"another registrant owns the thread).");
+PyDoc_STRVAR(NotOwnedWarning_doc,
+"rseq.unregister() was asked to end a registration that glibc, librseq or\n"
+"another library owns; it was left in place.");
+
+static int module_exec(PyObject *module)
+{
+    rseq_module_state *st = get_state(module);
+    rseq_process_get();
+
+    st->RseqError = PyErr_NewExceptionWithDoc("rseq.RseqError", RseqError_doc,
+                                              PyExc_Exception, NULL);
+    if (!st->RseqError)
+        return -1;
+    st->Unsupported = PyErr_NewExceptionWithDoc("rseq.Unsupported", Unsupported_doc,
+                                                st->RseqError, NULL);
+    if (!st->Unsupported)
+        return -1;
+    PyObject *bases = PyTuple_Pack(2, st->RseqError, PyExc_OSError);
+    if (!bases)
+        return -1;
+    st->RegistrationError = PyErr_NewExceptionWithDoc(
+        "rseq.RegistrationError", RegistrationError_doc, bases, NULL);
+    Py_DECREF(bases);
+    if (!st->RegistrationError)
+        return -1;
+    st->NotOwnedWarning = PyErr_NewExceptionWithDoc(
+        "rseq.NotOwnedWarning", NotOwnedWarning_doc, PyExc_RuntimeWarning, NULL);
+    if (!st->NotOwnedWarning)
+        return -1;
+    if (PyModule_AddObjectRef(module, "RseqError", st->RseqError) < 0
+        || PyModule_AddObjectRef(module, "Unsupported", st->Unsupported) < 0
+        || PyModule_AddObjectRef(module, "RegistrationError", st->RegistrationError) < 0
+        || PyModule_AddObjectRef(module, "NotOwnedWarning", st->NotOwnedWarning) < 0)
+        return -1;
+
+    PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);
+    if (!capsule)
+        return -1;
+    int added = PyModule_AddObjectRef(module, "_C_API", capsule);
+    Py_DECREF(capsule);
+    if (added < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "SIGNATURE", RSEQ_SIG) < 0
+        || PyModule_AddStringConstant(module, "ARCH", RSEQ_ARCH_NAME) < 0
+        || PyModule_AddIntConstant(module, "HAS_CRITICAL_SECTIONS", RSEQ_ARCH_HAS_CS) < 0)
+        return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    rseq_module_state *st = get_state(module);
+    Py_VISIT(st->RseqError);
+    Py_VISIT(st->Unsupported);
+    Py_VISIT(st->RegistrationError);
+    Py_VISIT(st->NotOwnedWarning);
+    return 0;
+}
+
+static int module_clear(PyObject *module)
+{
+    rseq_module_state *st = get_state(module);
+    Py_CLEAR(st->RseqError);
+    Py_CLEAR(st->Unsupported);
+    Py_CLEAR(st->RegistrationError);
+    Py_CLEAR(st->NotOwnedWarning);
+    return 0;
+}
+
+static void module_free(void *module) { module_clear((PyObject *)module); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    /* Free-threaded builds: nothing here relies on the GIL.  Registration
+     * state is per thread, process discovery runs under pthread_once. */
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+PyDoc_STRVAR(module_doc, "The C core of rseq: use the rseq package, not this module.");
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "rseq._core",
+    .m_doc = module_doc,
+    .m_size = sizeof(rseq_module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    return PyModuleDef_Init(&module_def);
+}

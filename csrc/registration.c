@@ -1,0 +1,465 @@
+/*
+ * registration.c - process-wide rseq discovery and per-thread registration.
+ * See registration.h for the ownership rules.
+ */
+#define _GNU_SOURCE
+#include "registration.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/auxv.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef SYS_rseq
+#if defined(__x86_64__)
+#define SYS_rseq 334
+#endif
+#endif
+
+__thread struct rseq_abi *rseq_tls_area __attribute__((tls_model("initial-exec")));
+static __thread struct rseq_thread *rseq_tls_thread __attribute__((tls_model("initial-exec")));
+
+static struct rseq_process process;
+static pthread_once_t process_once = PTHREAD_ONCE_INIT;
+static pthread_key_t thread_key;
+
+/* ------------------------------------------------------------------------
+ * The system call
+ * ------------------------------------------------------------------------ */
+
+int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature)
+{
+#ifdef SYS_rseq
+    long ret = syscall(SYS_rseq, area, length, flags, signature);
+    return ret == 0 ? 0 : -errno;
+#else
+    (void)area; (void)length; (void)flags; (void)signature;
+    return -ENOSYS;
+#endif
+}
+
+/* rseq(2) with every signal blocked: a handler that registers (or uses) rseq
+ * must not run between our decision and the system call (tcmalloc does the
+ * same). The previous mask is always restored. */
+static int rseq_syscall_signals_blocked(void *area, uint32_t length, int flags)
+{
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int ret = rseq_syscall(area, length, flags, RSEQ_SIG);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------
+ * Process discovery
+ * ------------------------------------------------------------------------ */
+
+static int count_possible_cpus(void)
+{
+    /* "0-1" or "0,2-5": the highest listed CPU + 1 is the index range that
+     * cpu_id can take. */
+    FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
+    int highest = -1;
+    if (f) {
+        char buf[256];
+        if (fgets(buf, sizeof buf, f)) {
+            char *p = buf;
+            while (*p) {
+                char *end;
+                long v = strtol(p, &end, 10);
+                if (end == p)
+                    break;
+                if (v > highest)
+                    highest = (int)v;
+                p = end;
+                if (*p == '-' || *p == ',')
+                    p++;
+            }
+        }
+        fclose(f);
+    }
+    if (highest < 0) {
+        long n = sysconf(_SC_NPROCESSORS_CONF);
+        return n > 0 ? (int)n : 1;
+    }
+    return highest + 1;
+}
+
+static void thread_destructor(void *arg);
+
+static void process_discover(void)
+{
+    process.feature_size = getauxval(RSEQ_AT_FEATURE_SIZE);
+    process.alignment = getauxval(RSEQ_AT_ALIGN);
+    process.possible_cpus = count_possible_cpus();
+
+    /* rseq(NULL, 0, 0, 0): EINVAL when the kernel has rseq, ENOSYS when it
+     * does not (or a seccomp filter says so), EPERM under a denying filter. */
+    int probe = rseq_syscall(NULL, 0, 0, 0);
+    process.kernel = probe == -ENOSYS ? 0 : probe == -EPERM ? -1 : 1;
+
+    const ptrdiff_t *g_offset = dlsym(RTLD_DEFAULT, "__rseq_offset");
+    const unsigned int *g_size = dlsym(RTLD_DEFAULT, "__rseq_size");
+    const unsigned int *g_flags = dlsym(RTLD_DEFAULT, "__rseq_flags");
+    const ptrdiff_t *l_offset = dlsym(RTLD_DEFAULT, "rseq_offset");
+    const unsigned int *l_size = dlsym(RTLD_DEFAULT, "rseq_size");
+    const unsigned int *l_flags = dlsym(RTLD_DEFAULT, "rseq_flags");
+
+    process.glibc_symbols = g_offset && g_size;
+    if (g_offset && g_size && *g_size) {
+        process.owner = RSEQ_OWNER_GLIBC;
+        process.owner_offset = *g_offset;
+        process.owner_size = *g_size;
+        process.owner_flags = g_flags ? *g_flags : 0;
+    } else if (l_offset && l_size && *l_size) {
+        process.owner = RSEQ_OWNER_LIBRSEQ;
+        process.owner_offset = *l_offset;
+        process.owner_size = *l_size;
+        process.owner_flags = l_flags ? *l_flags : 0;
+    } else {
+        process.owner = RSEQ_OWNER_SELF;
+    }
+
+    /* Our own registration: max(32, feature size), aligned to
+     * max(32, AT_RSEQ_ALIGN) (the rule glibc 2.41 adopted). */
+    unsigned long length = process.feature_size > RSEQ_ORIG_SIZE
+        ? process.feature_size : RSEQ_ORIG_SIZE;
+    unsigned long align = process.alignment > RSEQ_ORIG_ALIGN
+        ? process.alignment : RSEQ_ORIG_ALIGN;
+    process.own_length = (unsigned int)length;
+    process.own_alignment = (unsigned int)align;
+
+    (void)pthread_key_create(&thread_key, thread_destructor);
+}
+
+const struct rseq_process *rseq_process_get(void)
+{
+    pthread_once(&process_once, process_discover);
+    return &process;
+}
+
+/* ------------------------------------------------------------------------
+ * Usable size
+ * ------------------------------------------------------------------------ */
+
+/* The feature size to clamp with: before 6.3 the auxv entry is 0 and only
+ * the original 20 bytes of fields exist. */
+static uint32_t kernel_feature_size(void)
+{
+    return process.feature_size ? (uint32_t)process.feature_size
+                                : RSEQ_ORIG_FEATURE_SIZE;
+}
+
+/* glibc and librseq report their active size: 32 (early glibc) means the
+ * original 20 bytes of fields, not the padding after them. */
+static uint32_t owner_active_size(unsigned int reported)
+{
+    return reported == RSEQ_ORIG_SIZE ? RSEQ_ORIG_FEATURE_SIZE : reported;
+}
+
+static uint32_t min_u32(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+/* ------------------------------------------------------------------------
+ * Per-thread state
+ * ------------------------------------------------------------------------ */
+
+static void set_fallback(struct rseq_thread *t, enum rseq_fallback why, int err)
+{
+    t->area = NULL;
+    t->usable_size = 0;
+    t->fallback = why;
+    t->fallback_errno = err;
+    rseq_tls_area = NULL;
+}
+
+static void use_area(struct rseq_thread *t, struct rseq_abi *area,
+                     uint32_t registered, uint32_t usable)
+{
+    t->area = area;
+    t->registered_size = registered;
+    t->usable_size = usable;
+    t->fallback = RSEQ_FALLBACK_NONE;
+    t->fallback_errno = 0;
+    rseq_tls_area = area;
+}
+
+/* Adopt the area of glibc or librseq for this thread, if it registered. */
+static void adopt_owner_area(struct rseq_thread *t)
+{
+    struct rseq_abi *area = (struct rseq_abi *)
+        ((char *)rseq_arch_thread_pointer() + process.owner_offset);
+    int32_t cpu = (int32_t)__atomic_load_n(&area->cpu_id, __ATOMIC_RELAXED);
+    if (cpu < 0) {
+        /* -1: never registered (librseq registers lazily, per thread);
+         * -2: the owner's registration failed.  Either way the area is not
+         * maintained by the kernel for this thread. */
+        set_fallback(t, RSEQ_FALLBACK_OWNER_FAILED, 0);
+        return;
+    }
+    uint32_t reported = process.owner_size;
+    uint32_t registered = reported == RSEQ_ORIG_FEATURE_SIZE ? RSEQ_ORIG_SIZE : reported;
+    use_area(t, area, registered,
+             min_u32(owner_active_size(reported), kernel_feature_size()));
+}
+
+static enum rseq_fallback fallback_for_errno(int err)
+{
+    switch (err) {
+    case ENOSYS: return RSEQ_FALLBACK_NO_KERNEL;
+    case EPERM: return RSEQ_FALLBACK_DENIED;
+    case EBUSY: case EINVAL: return RSEQ_FALLBACK_FOREIGN;
+    case ENOMEM: return RSEQ_FALLBACK_NO_MEMORY;
+    default: return RSEQ_FALLBACK_ERROR;
+    }
+}
+
+/* Register our own area for this thread: 0 or -errno. */
+static int register_own_area(struct rseq_thread *t)
+{
+    if (!t->own_area) {
+        size_t size = (process.own_length + process.own_alignment - 1)
+                      & ~((size_t)process.own_alignment - 1);
+        void *mem = NULL;
+        if (posix_memalign(&mem, process.own_alignment, size) != 0)
+            return -ENOMEM;
+        memset(mem, 0, size);
+        t->own_area = mem;
+    }
+    struct rseq_abi *area = t->own_area;
+    /* cpu_id starts as "uninitialised" so a read before the kernel's first
+     * update never looks like CPU 0.  This is the only time we write it:
+     * the area is not registered yet, so it is still ours. */
+    area->cpu_id = (uint32_t)RSEQ_CPU_ID_UNINITIALIZED;
+    int ret = rseq_syscall_signals_blocked(area, process.own_length, 0);
+    if (ret != 0)
+        return ret;
+    t->own_registered = 1;
+    use_area(t, area, process.own_length,
+             min_u32(process.own_length, kernel_feature_size()));
+    return 0;
+}
+
+static void ensure_registration(struct rseq_thread *t)
+{
+    if (t->area)
+        return;
+    switch (process.owner) {
+    case RSEQ_OWNER_GLIBC:
+    case RSEQ_OWNER_LIBRSEQ:
+        t->owner = process.owner;
+        adopt_owner_area(t);
+        return;
+    default:
+        break;
+    }
+    /* A registration that failed, or that unregister() released, is not
+     * retried on every read: only an explicit register() tries again. */
+    if (t->fallback != RSEQ_FALLBACK_NONE)
+        return;
+    int ret = register_own_area(t);
+    if (ret != 0) {
+        /* Someone else registered this thread (EBUSY/EINVAL), or rseq is
+         * missing or denied: record why and use the fallback. */
+        t->owner = RSEQ_OWNER_NONE;
+        set_fallback(t, fallback_for_errno(-ret), -ret);
+        return;
+    }
+    t->owner = RSEQ_OWNER_SELF;
+}
+
+static struct rseq_thread *thread_state_create(void)
+{
+    struct rseq_thread *t = calloc(1, sizeof *t);
+    if (!t)
+        return NULL;
+    rseq_tls_thread = t;
+    /* The key's destructor runs at thread exit in the exiting thread. The
+     * main thread never runs it, which is fine: its area dies with the
+     * process. */
+    (void)pthread_setspecific(thread_key, t);
+    return t;
+}
+
+struct rseq_thread *rseq_thread_peek(void)
+{
+    return rseq_tls_thread;
+}
+
+struct rseq_thread *rseq_thread_get(void)
+{
+    rseq_process_get();
+    struct rseq_thread *t = rseq_tls_thread;
+    if (!t) {
+        t = thread_state_create();
+        if (!t) {
+            errno = ENOMEM;
+            return NULL;
+        }
+    }
+    /* OWNER_FAILED is looked at again: an owner that registers lazily
+     * (librseq) may have registered this thread since. */
+    if (!t->area && (t->fallback == RSEQ_FALLBACK_NONE
+                     || t->fallback == RSEQ_FALLBACK_OWNER_FAILED))
+        ensure_registration(t);
+    return t;
+}
+
+/* Release our kernel registration: the area stays allocated for reuse. */
+static int release_own_area(struct rseq_thread *t)
+{
+    int ret = rseq_syscall_signals_blocked(t->own_area, process.own_length,
+                                           RSEQ_FLAG_UNREGISTER);
+    if (ret == 0) {
+        t->own_registered = 0;
+        set_fallback(t, RSEQ_FALLBACK_UNREGISTERED, 0);
+    }
+    return ret;
+}
+
+static void thread_destructor(void *arg)
+{
+    struct rseq_thread *t = arg;
+    rseq_tls_area = NULL;
+    rseq_tls_thread = NULL;
+    if (t->own_registered && release_own_area(t) != 0) {
+        /* The kernel still uses the area: leak it rather than let the
+         * allocator hand registered memory to someone else. */
+        free(t);
+        return;
+    }
+    free(t->own_area);
+    free(t);
+}
+
+/* ------------------------------------------------------------------------
+ * Explicit registration, reference counted (seed 002)
+ * ------------------------------------------------------------------------ */
+
+int rseq_thread_register(void)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    if (!t)
+        return -ENOMEM;
+    if (t->refcount == UINT32_MAX)
+        return -EOVERFLOW;
+    if (!t->area) {
+        if (process.owner == RSEQ_OWNER_SELF) {
+            /* An explicit request retries a registration that failed. */
+            t->fallback = RSEQ_FALLBACK_NONE;
+            ensure_registration(t);
+        }
+        if (!t->area)
+            return t->fallback_errno ? -t->fallback_errno : -ENOSYS;
+    }
+    t->refcount++;
+    return 0;
+}
+
+int rseq_thread_unregister(int *not_owned)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    *not_owned = 0;
+    if (!t)
+        return -ENOMEM;
+    if (t->owner != RSEQ_OWNER_SELF) {
+        /* glibc, librseq or a foreign registrant owns it: never touch it.
+         * Dropping a reference we hold is normal; a call with none held is
+         * the no-op the caller is told about. */
+        if (t->refcount)
+            t->refcount--;
+        else
+            *not_owned = 1;
+        return 0;
+    }
+    if (t->refcount == 0)
+        return -EINVAL;
+    if (--t->refcount || !t->own_registered)
+        return 0;
+    int ret = release_own_area(t);
+    return ret == 0 ? 1 : ret;
+}
+
+void rseq_thread_set_refcount(uint32_t count)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    if (t)
+        t->refcount = count;
+}
+
+/* ------------------------------------------------------------------------
+ * Fallback reads
+ * ------------------------------------------------------------------------ */
+
+int rseq_fallback_cpu(void)
+{
+    /* Not registered yet: register lazily, then read the area. */
+    struct rseq_thread *t = rseq_tls_thread;
+    if (!t || (!t->area && t->fallback == RSEQ_FALLBACK_NONE)) {
+        t = rseq_thread_get();
+        if (t && t->area) {
+            int cpu = (int)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED);
+            if (cpu >= 0)
+                return cpu;
+        }
+    }
+    int cpu = sched_getcpu(); /* glibc: rseq area or vDSO */
+    if (cpu >= 0)
+        return cpu;
+    unsigned int c = 0;
+    if (syscall(SYS_getcpu, &c, NULL, NULL) == 0)
+        return (int)c;
+    return -1;
+}
+
+int rseq_fallback_node(void)
+{
+    unsigned int cpu = 0, node = 0;
+    if (getcpu(&cpu, &node) == 0) /* glibc >= 2.29: vDSO */
+        return (int)node;
+    if (syscall(SYS_getcpu, &cpu, &node, NULL) == 0)
+        return (int)node;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------
+ * Names
+ * ------------------------------------------------------------------------ */
+
+const char *rseq_owner_name(enum rseq_owner owner)
+{
+    switch (owner) {
+    case RSEQ_OWNER_GLIBC: return "glibc";
+    case RSEQ_OWNER_LIBRSEQ: return "librseq";
+    case RSEQ_OWNER_SELF: return "rseq";
+    default: return NULL;
+    }
+}
+
+const char *rseq_fallback_reason(const struct rseq_thread *t)
+{
+    switch (t->fallback) {
+    case RSEQ_FALLBACK_NONE: return NULL;
+    case RSEQ_FALLBACK_NO_KERNEL:
+        return "ENOSYS: the kernel has no rseq system call (or a seccomp filter answers ENOSYS)";
+    case RSEQ_FALLBACK_DENIED:
+        return "EPERM: rseq is denied to this process (seccomp filter)";
+    case RSEQ_FALLBACK_FOREIGN:
+        return "another library registered this thread and does not share its area";
+    case RSEQ_FALLBACK_OWNER_FAILED:
+        return process.owner == RSEQ_OWNER_GLIBC
+            ? "glibc's registration failed for this thread"
+            : "librseq has not registered this thread";
+    case RSEQ_FALLBACK_NO_MEMORY: return "out of memory for the thread's area";
+    case RSEQ_FALLBACK_UNREGISTERED: return "unregistered by rseq.unregister()";
+    case RSEQ_FALLBACK_ERROR:
+    default: return "rseq registration failed";
+    }
+}

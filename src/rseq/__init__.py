@@ -1,0 +1,40 @@
+"""rseq: Linux restartable sequences for Python.
+
+The rseq runtime (per-thread registration that coexists with glibc and other
+registrants, feature discovery, the current CPU / NUMA node / concurrency ID
+in one memory load), per-CPU data structures built on real critical
+sections, and an executable model of the rseq ABI (``rseq.model``).
+"""
+from ._core import (
+    NotOwnedWarning,
+    RegistrationError,
+    RseqError,
+    Unsupported,
+    cpu,
+    mm_cid,
+    node,
+    register,
+    registration_count,
+    unregister,
+)
+from ._info import Info, info
+from ._registration import get_include, registered
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Info",
+    "NotOwnedWarning",
+    "RegistrationError",
+    "RseqError",
+    "Unsupported",
+    "cpu",
+    "get_include",
+    "info",
+    "mm_cid",
+    "node",
+    "register",
+    "registered",
+    "registration_count",
+    "unregister",
+]

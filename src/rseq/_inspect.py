@@ -1,0 +1,100 @@
+"""``python -m rseq inspect PID``: the rseq registration of each thread of
+another process, read with PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13)."""
+from __future__ import annotations
+
+import dataclasses
+import errno
+import os
+from typing import Optional
+
+from . import _core
+
+
+class InspectError(Exception):
+    """A one-line reason why a process could not be inspected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ThreadRegistration:
+    tid: int
+    name: str
+    #: Address of the thread's struct rseq (0: not registered).
+    address: int
+    size: int
+    signature: int
+    flags: int
+    #: None, or why this thread could not be read (it exited meanwhile).
+    error: Optional[str] = None
+
+    @property
+    def registered(self) -> bool:
+        return self.error is None and self.address != 0
+
+    def as_dict(self) -> dict:
+        return dict(dataclasses.asdict(self), registered=self.registered)
+
+
+def _thread_name(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def inspect_process(pid: int) -> list[ThreadRegistration]:
+    """Each thread of process ``pid`` with its registration.
+
+    Raises InspectError for a process that does not exist, that we may not
+    trace, or a kernel without the ptrace request.
+    """
+    if pid <= 0:
+        raise InspectError(f"not a process id: {pid}")
+    if pid == os.getpid():
+        raise InspectError("cannot inspect this process itself (a thread "
+                           "cannot ptrace its own thread group); use rseq.info()")
+    try:
+        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except FileNotFoundError:
+        raise InspectError(f"no such process: {pid}") from None
+    except PermissionError:
+        raise InspectError(f"permission denied listing the threads of {pid}") from None
+    threads = []
+    for tid in tids:
+        name = _thread_name(pid, tid)
+        try:
+            address, size, signature, flags = _core.thread_configuration(tid)
+        except OSError as e:
+            if e.errno == errno.ESRCH and threads:
+                # The thread exited between listing and reading.
+                threads.append(ThreadRegistration(tid, name, 0, 0, 0, 0, "exited"))
+                continue
+            if e.errno == errno.ESRCH:
+                if not os.path.exists(f"/proc/{pid}"):
+                    raise InspectError(f"no such process: {pid}") from None
+                threads.append(ThreadRegistration(tid, name, 0, 0, 0, 0, "exited"))
+                continue
+            if e.errno == errno.EIO:
+                raise InspectError("this kernel lacks PTRACE_GET_RSEQ_CONFIGURATION "
+                                   "(Linux 5.13 or later is needed)") from None
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise InspectError(f"permission denied: cannot ptrace process {pid} "
+                                   f"({e.strerror}; see /proc/sys/kernel/yama/"
+                                   "ptrace_scope)") from None
+            raise InspectError(str(e)) from None
+        threads.append(ThreadRegistration(tid, name, address, size, signature, flags))
+    return threads
+
+
+def format_table(pid: int, threads: list[ThreadRegistration]) -> str:
+    lines = [f"process {pid}: {len(threads)} thread(s)",
+             f"  {'tid':>8}  {'name':<16} {'area':>18}  {'size':>4}  {'signature':>10}  flags"]
+    for t in threads:
+        if t.error:
+            lines.append(f"  {t.tid:>8}  {t.name:<16} {t.error}")
+        elif not t.address:
+            lines.append(f"  {t.tid:>8}  {t.name:<16} {'not registered':>18}")
+        else:
+            lines.append(f"  {t.tid:>8}  {t.name:<16} {t.address:#18x}  {t.size:>4}  "
+                         f"{t.signature:#010x}  {t.flags:#x}")
+    return "\n".join(lines)

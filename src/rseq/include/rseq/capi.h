@@ -1,0 +1,77 @@
+/*
+ * rseq/capi.h - the C API of the rseq Python package for other extensions.
+ *
+ *     #include <rseq/capi.h>          (include directory: rseq.get_include())
+ *
+ *     const struct rseq_capi *api = rseq_capi_import();   (once, with the GIL)
+ *     if (!api) return NULL;                              (ImportError is set)
+ *     struct rseq_abi *area = api->thread_area();
+ *     if (area && api->thread_area_size() >= RSEQ_END_MM_CID) ...
+ *
+ * The current thread's area, its usable size and the signature come through
+ * functions, not fixed TLS offsets: the area may belong to glibc, librseq or
+ * this package, and its usable size depends on the kernel and on the owner
+ * (the conclusion of the 2020 kernel-TLS discussion).  Registration through
+ * register_thread()/unregister_thread() shares the reference count of
+ * rseq.register()/rseq.unregister(), so an extension and Python code cannot
+ * end each other's registration.
+ *
+ * The struct only grows: check `size` before using a member added after
+ * version 1 (RSEQ_CAPI_HAS(api, member)).
+ */
+#ifndef RSEQ_CAPI_H
+#define RSEQ_CAPI_H
+
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rseq/abi.h"
+
+#define RSEQ_CAPI_CAPSULE_NAME "rseq._core._C_API"
+#define RSEQ_CAPI_VERSION 1
+
+enum rseq_capi_index_mode { RSEQ_CAPI_INDEX_CPU_ID = 0, RSEQ_CAPI_INDEX_MM_CID = 1 };
+
+struct rseq_capi {
+    uint32_t size;      /* sizeof(struct rseq_capi) as the provider built it */
+    uint32_t version;   /* RSEQ_CAPI_VERSION of the provider */
+    uint32_t signature; /* the signature every abort handler must carry */
+    uint32_t reserved;
+
+    /* The calling thread's rseq area, registering it lazily; NULL when the
+     * thread runs on the fallback (no kernel support, denied, or owned by a
+     * registrant that does not share its area).  Never write cpu_id_start,
+     * cpu_id, flags, node_id or mm_cid. */
+    struct rseq_abi *(*thread_area)(void);
+    /* Bytes of the area that are usable: min(registered length, kernel
+     * feature size); 0 on the fallback.  A field is usable when its
+     * RSEQ_END_* offset is <= this. */
+    uint32_t (*thread_area_size)(void);
+    /* The current CPU: from the area, else sched_getcpu(), else getcpu(2). */
+    int (*current_cpu)(void);
+    /* Reference-counted registration: 0 or -errno. */
+    int (*register_thread)(void);
+    /* 1: released the kernel registration; 0: kept (other references, or
+     * owned by glibc/librseq); -EINVAL: no register_thread() outstanding. */
+    int (*unregister_thread)(void);
+
+    /* Per-CPU primitives (version 2): each returns 0 committed, 1 compare
+     * failed, -1 aborted (retry).  `area` is thread_area(); `cpu` is the
+     * index the caller computed its address from (current_index()). */
+    int (*current_index)(struct rseq_abi *area, int mode);
+    int (*load_cbne_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                           intptr_t expect, intptr_t newv, int cpu);
+    int (*load_add_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                          intptr_t count, int cpu);
+};
+
+#define RSEQ_CAPI_HAS(api, member) \
+    ((api)->size >= offsetof(struct rseq_capi, member) + sizeof((api)->member))
+
+static inline const struct rseq_capi *rseq_capi_import(void)
+{
+    return (const struct rseq_capi *)PyCapsule_Import(RSEQ_CAPI_CAPSULE_NAME, 0);
+}
+
+#endif /* RSEQ_CAPI_H */
