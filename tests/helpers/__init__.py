@@ -1,0 +1,1 @@
+"""Helpers shared by the core tests (subprocess runners, seccomp, pinning)."""
