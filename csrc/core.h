@@ -12,7 +12,15 @@ typedef struct {
     PyObject *Unsupported;
     PyObject *RegistrationError;
     PyObject *NotOwnedWarning;
+    PyObject *ArenaError;
+    PyObject *ArenaFormatError;
+    PyObject *ArenaFullError;
+    PyObject *ArenaCounter_type;
 } rseq_module_state;
+
+#define RSEQ_STATE_MEMBERS(X) \
+    X(RseqError) X(Unsupported) X(RegistrationError) X(NotOwnedWarning) \
+    X(ArenaError) X(ArenaFormatError) X(ArenaFullError) X(ArenaCounter_type)
 
 /* "EINVAL" for EINVAL; "errno 123" for a value without a name here. */
 const char *errno_name(int err);

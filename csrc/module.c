@@ -12,6 +12,7 @@
 #include <sys/prctl.h>
 
 #include "core.h"
+#include "counter_type.h"
 #include "registration.h"
 #include "rseq/capi.h"
 
@@ -385,6 +386,13 @@ PyDoc_STRVAR(NotOwnedWarning_doc,
 "rseq.unregister() was asked to end a registration that glibc, librseq or\n"
 "another library owns; it was left in place.");
 
+PyDoc_STRVAR(ArenaError_doc, "A shared-memory arena cannot be used as asked.");
+PyDoc_STRVAR(ArenaFormatError_doc,
+"The file is not a usable rseq arena: not an arena at all, truncated,\n"
+"another version or layout, made for another possible-CPU count, or\n"
+"corrupt.  Nothing in it was trusted before this was checked.");
+PyDoc_STRVAR(ArenaFullError_doc, "Every counter of the arena is in use.");
+
 static int module_exec(PyObject *module)
 {
     rseq_module_state *st = get_state(module);
@@ -410,10 +418,31 @@ static int module_exec(PyObject *module)
         "rseq.NotOwnedWarning", NotOwnedWarning_doc, PyExc_RuntimeWarning, NULL);
     if (!st->NotOwnedWarning)
         return -1;
+    st->ArenaError = PyErr_NewExceptionWithDoc("rseq.ArenaError", ArenaError_doc,
+                                               st->RseqError, NULL);
+    if (!st->ArenaError)
+        return -1;
+    bases = PyTuple_Pack(2, st->ArenaError, PyExc_ValueError);
+    if (!bases)
+        return -1;
+    st->ArenaFormatError = PyErr_NewExceptionWithDoc("rseq.ArenaFormatError",
+                                                     ArenaFormatError_doc, bases, NULL);
+    Py_DECREF(bases);
+    if (!st->ArenaFormatError)
+        return -1;
+    st->ArenaFullError = PyErr_NewExceptionWithDoc("rseq.ArenaFullError", ArenaFullError_doc,
+                                                   st->ArenaError, NULL);
+    if (!st->ArenaFullError)
+        return -1;
     if (PyModule_AddObjectRef(module, "RseqError", st->RseqError) < 0
         || PyModule_AddObjectRef(module, "Unsupported", st->Unsupported) < 0
         || PyModule_AddObjectRef(module, "RegistrationError", st->RegistrationError) < 0
-        || PyModule_AddObjectRef(module, "NotOwnedWarning", st->NotOwnedWarning) < 0)
+        || PyModule_AddObjectRef(module, "NotOwnedWarning", st->NotOwnedWarning) < 0
+        || PyModule_AddObjectRef(module, "ArenaError", st->ArenaError) < 0
+        || PyModule_AddObjectRef(module, "ArenaFormatError", st->ArenaFormatError) < 0
+        || PyModule_AddObjectRef(module, "ArenaFullError", st->ArenaFullError) < 0)
+        return -1;
+    if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
         return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);
@@ -433,20 +462,18 @@ static int module_exec(PyObject *module)
 static int module_traverse(PyObject *module, visitproc visit, void *arg)
 {
     rseq_module_state *st = get_state(module);
-    Py_VISIT(st->RseqError);
-    Py_VISIT(st->Unsupported);
-    Py_VISIT(st->RegistrationError);
-    Py_VISIT(st->NotOwnedWarning);
+#define VISIT(name) Py_VISIT(st->name);
+    RSEQ_STATE_MEMBERS(VISIT)
+#undef VISIT
     return 0;
 }
 
 static int module_clear(PyObject *module)
 {
     rseq_module_state *st = get_state(module);
-    Py_CLEAR(st->RseqError);
-    Py_CLEAR(st->Unsupported);
-    Py_CLEAR(st->RegistrationError);
-    Py_CLEAR(st->NotOwnedWarning);
+#define CLEAR(name) Py_CLEAR(st->name);
+    RSEQ_STATE_MEMBERS(CLEAR)
+#undef CLEAR
     return 0;
 }
 

@@ -4,6 +4,7 @@
  */
 #define _GNU_SOURCE
 #include "registration.h"
+#include "thread_area.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -62,44 +63,13 @@ static int rseq_syscall_signals_blocked(void *area, uint32_t length, int flags)
  * Process discovery
  * ------------------------------------------------------------------------ */
 
-static int count_possible_cpus(void)
-{
-    /* "0-1" or "0,2-5": the highest listed CPU + 1 is the index range that
-     * cpu_id can take. */
-    FILE *f = fopen("/sys/devices/system/cpu/possible", "re");
-    int highest = -1;
-    if (f) {
-        char buf[256];
-        if (fgets(buf, sizeof buf, f)) {
-            char *p = buf;
-            while (*p) {
-                char *end;
-                long v = strtol(p, &end, 10);
-                if (end == p)
-                    break;
-                if (v > highest)
-                    highest = (int)v;
-                p = end;
-                if (*p == '-' || *p == ',')
-                    p++;
-            }
-        }
-        fclose(f);
-    }
-    if (highest < 0) {
-        long n = sysconf(_SC_NPROCESSORS_CONF);
-        return n > 0 ? (int)n : 1;
-    }
-    return highest + 1;
-}
-
 static void thread_destructor(void *arg);
 
 static void process_discover(void)
 {
     process.feature_size = getauxval(RSEQ_AT_FEATURE_SIZE);
     process.alignment = getauxval(RSEQ_AT_ALIGN);
-    process.possible_cpus = count_possible_cpus();
+    process.possible_cpus = rseq_possible_cpus();
 
     /* rseq(NULL, 0, 0, 0): EINVAL when the kernel has rseq, ENOSYS when it
      * does not (or a seccomp filter says so), EPERM under a denying filter. */

@@ -24,4 +24,13 @@ static inline void *rseq_arch_thread_pointer(void)
     return __builtin_thread_pointer();
 }
 
+/* 16-byte compare-and-swap through the compiler (may need -latomic; a
+ * libatomic that takes a lock is not robust against a killed process:
+ * port rseq_arch_cas128 to the architecture's native instruction). */
+static inline int rseq_arch_cas128(__int128 *p, __int128 *expected, __int128 desired)
+{
+    return __atomic_compare_exchange_n(p, expected, desired, 0,
+                                       __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
 #endif
