@@ -128,3 +128,87 @@ def reads_while_migrated(readers: int = 4, moves: int = 300) -> dict:
         sys.setswitchinterval(old_interval)
     return {"checked": sum(checked), "mismatches": len(bad), "examples": bad[:5],
             "out_of_range": out_of_range[:5]}
+
+
+def pinned_cpu_reads() -> dict:
+    """Pin the calling thread to each usable CPU in turn and read cpu():
+    {cpu: [...seen]}.  Leaves the thread allowed on every usable CPU."""
+    cpus = usable_cpus()
+    seen = {}
+    for cpu in cpus:
+        pin_current_thread({cpu})
+        seen[str(cpu)] = sorted({rseq.cpu() for _ in range(200)})
+    pin_current_thread(set(cpus))
+    return seen
+
+
+def report() -> dict:
+    """What a (child) process sees: its info and pinned reads."""
+    return {"pid": os.getpid(), "info": rseq.info().as_dict(),
+            "reads": pinned_cpu_reads()}
+
+
+def fork_and_inspect() -> dict:
+    """Take a reference, fork; the child reports, waits while the parent runs
+    ``python -m rseq inspect CHILD --json``, then unregisters and reports
+    again.  Returns the parent's view, the child's two reports and the
+    inspect output."""
+    import json
+    import subprocess
+    count = rseq.register()
+    parent = rseq.info().as_dict()
+    to_parent_r, to_parent_w = os.pipe()
+    to_child_r, to_child_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:    # the child: no pytest, no exceptions escaping
+        status = 1
+        try:
+            os.close(to_parent_r)
+            os.close(to_child_w)
+            out = os.fdopen(to_parent_w, "w")
+            first = report()
+            first["count"] = rseq.registration_count()
+            out.write(json.dumps(first) + "\n")
+            out.flush()
+            os.read(to_child_r, 1)
+            second = {"unregister": rseq.unregister(), "info": rseq.info().as_dict(),
+                      "reads": pinned_cpu_reads()}
+            out.write(json.dumps(second) + "\n")
+            out.flush()
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(to_parent_w)
+    os.close(to_child_r)
+    lines = os.fdopen(to_parent_r)
+    first = json.loads(lines.readline())
+    inspected = subprocess.run([sys.executable, "-m", "rseq", "inspect", str(pid), "--json"],
+                               capture_output=True, text=True, timeout=30)
+    os.write(to_child_w, b"x")
+    second = json.loads(lines.readline())
+    _, status = os.waitpid(pid, 0)
+    parent_after = rseq.info().as_dict()
+    return {"count": count, "parent": parent, "parent_after": parent_after,
+            "child": first, "child_after": second, "child_status": status,
+            "inspect_status": inspected.returncode, "inspect_stderr": inspected.stderr,
+            "inspect": json.loads(inspected.stdout) if inspected.returncode == 0 else None}
+
+
+def spawn_children(count: int = 2) -> list[dict]:
+    """multiprocessing "spawn" children, each returning report()."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_report_to, args=(queue,)) for _ in range(count)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    return [dict(r, exitcode=c.exitcode, parent=os.getpid())
+            for r, c in zip(sorted(results, key=lambda r: r["pid"]),
+                            sorted(children, key=lambda c: c.pid))]
+
+
+def _report_to(queue) -> None:
+    queue.put(report())
