@@ -6,7 +6,12 @@ in one memory load), per-CPU data structures built on real critical
 sections, and an executable model of the rseq ABI (``rseq.model``).
 """
 from ._core import (
+    ArenaCounter,
+    ArenaError,
+    ArenaFormatError,
+    ArenaFullError,
     NotOwnedWarning,
+    PerCpuCounter,
     RegistrationError,
     RseqError,
     Unsupported,
@@ -17,14 +22,21 @@ from ._core import (
     registration_count,
     unregister,
 )
+from ._arena import Arena
 from ._info import Info, info
 from ._registration import get_include, registered
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Arena",
+    "ArenaCounter",
+    "ArenaError",
+    "ArenaFormatError",
+    "ArenaFullError",
     "Info",
     "NotOwnedWarning",
+    "PerCpuCounter",
     "RegistrationError",
     "RseqError",
     "Unsupported",

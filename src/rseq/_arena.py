@@ -1,0 +1,298 @@
+"""Shared-memory arenas of per-CPU counters: ``rseq.Arena``.
+
+An arena is a file (in ``/dev/shm`` by default) that any process can map.
+Its header carries a magic number, a version, its whole layout, the
+possible-CPU count it was made for and a checksum; all of it is validated
+before any offset in it is trusted (and the C side checks the layout against
+the mapping once more).  Counters are 8 bytes per possible CPU, in per-CPU
+regions so that CPUs never write each other's cache lines, plus one entry in
+a key table.  Arenas are created with owner-only permissions, under a
+temporary name that is linked into place only once complete, so nobody ever
+opens a half-written arena.
+"""
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import struct
+import zlib
+from typing import Optional, Union
+
+from . import _core
+
+MAGIC = b"RSEQARNA"
+VERSION = 1
+HEADER_SIZE = 4096          # the key table starts on its own page
+DEFAULT_CAPACITY = 1024
+DEFAULT_KEY_MAX = 80        # entry of 128 bytes
+INDEX_CPU_ID = 0
+SHM_DIR = "/dev/shm"
+
+# magic, version, header_size, possible_cpus, capacity, entry_size, key_max,
+# index_mode, flags, table_offset, regions_offset, region_size, total_size,
+# creator_pid, checksum (crc32 of everything before it)
+_HEADER = struct.Struct("<8sIIIIIIIIQQQQII")
+_CHECKSUMMED = _HEADER.size - 4
+
+
+def _round_up(value: int, to: int) -> int:
+    return (value + to - 1) // to * to
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where everything is in an arena file."""
+
+    possible_cpus: int
+    capacity: int
+    key_max: int
+    entry_size: int
+    table_offset: int
+    regions_offset: int
+    region_size: int
+    total_size: int
+
+    @classmethod
+    def compute(cls, possible_cpus: int, capacity: int, key_max: int) -> "Layout":
+        entry_size = _round_up(_core.ARENA_ENTRY_HEADER + key_max, 16)
+        table_offset = HEADER_SIZE
+        regions_offset = _round_up(table_offset + capacity * entry_size, mmap.PAGESIZE)
+        region_size = _round_up(capacity * 8, 64)
+        return cls(possible_cpus, capacity, key_max, entry_size, table_offset,
+                   regions_offset, region_size, regions_offset + possible_cpus * region_size)
+
+    def pack(self, creator_pid: int) -> bytes:
+        body = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, self.possible_cpus, self.capacity,
+                            self.entry_size, self.key_max, INDEX_CPU_ID, 0, self.table_offset,
+                            self.regions_offset, self.region_size, self.total_size,
+                            creator_pid, 0)[:_CHECKSUMMED]
+        return body + struct.pack("<I", zlib.crc32(body))
+
+
+def parse_header(data: bytes, file_size: int, possible_cpus: int) -> Layout:
+    """Validate an arena header; return its layout or raise ArenaFormatError.
+
+    ``data`` is the start of the file (at least the header, if the file has
+    that much), ``file_size`` its size.  Every field is checked against the
+    layout this version computes from the header's own parameters, so a
+    header that passes describes exactly the layout we would have made.
+    """
+    err = _core.ArenaFormatError
+    if len(data) < _HEADER.size or file_size < HEADER_SIZE:
+        if data[:len(MAGIC)] != MAGIC[:len(data)] or not data:
+            raise err("not an rseq arena (too short, and no arena magic)")
+        raise err(f"truncated arena: {file_size} bytes, the header alone takes {HEADER_SIZE}")
+    (magic, version, header_size, cpus, capacity, entry_size, key_max, index_mode, flags,
+     table_offset, regions_offset, region_size, total_size, _creator,
+     checksum) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise err("not an rseq arena (bad magic number)")
+    if version != VERSION:
+        raise err(f"arena version {version}: this rseq reads version {VERSION}")
+    if zlib.crc32(data[:_CHECKSUMMED]) != checksum:
+        raise err("arena header checksum mismatch: the header is corrupt")
+    if header_size != HEADER_SIZE or index_mode != INDEX_CPU_ID or flags != 0:
+        raise err(f"arena header has an unknown layout (header size {header_size}, "
+                  f"index mode {index_mode}, flags {flags:#x})")
+    if not (1 <= capacity <= 1 << 24) or not (1 <= key_max <= 4096) or not (1 <= cpus <= 1 << 16):
+        raise err(f"arena header out of range: capacity {capacity}, key size {key_max}, "
+                  f"{cpus} CPUs")
+    expected = Layout.compute(cpus, capacity, key_max)
+    found = Layout(cpus, capacity, key_max, entry_size, table_offset, regions_offset,
+                   region_size, total_size)
+    if found != expected:
+        raise err("arena header layout is inconsistent with its own parameters")
+    if cpus != possible_cpus:
+        raise err(f"arena made for {cpus} possible CPUs; this machine has {possible_cpus}")
+    if file_size < total_size:
+        raise err(f"truncated arena: {file_size} bytes, its layout needs {total_size}")
+    return found
+
+
+def _path_for(name: Union[str, os.PathLike]) -> str:
+    """A name without a slash lives in /dev/shm; anything else is a path."""
+    text = os.fspath(name)
+    if not isinstance(text, str):
+        raise TypeError(f"arena name must be str or a path, not {type(name).__name__}")
+    if not text:
+        raise ValueError("arena name is empty")
+    if "/" in text:
+        return text
+    if text in (".", "..") or len(text.encode()) > 255:
+        raise ValueError(f"invalid arena name: {text!r}")
+    return os.path.join(SHM_DIR, text)
+
+
+def _encode_key(key: object, key_max: int) -> bytes:
+    if not isinstance(key, str):
+        raise TypeError(f"counter key must be str, not {type(key).__name__}")
+    try:
+        data = key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"counter key is not valid text: {e}") from None
+    if not data:
+        raise ValueError("counter key is empty")
+    if len(data) > key_max:
+        raise ValueError(f"counter key of {len(data)} bytes (UTF-8): this arena takes at "
+                         f"most {key_max}")
+    return data
+
+
+class Arena:
+    """A shared-memory arena of per-CPU counters.
+
+    ``Arena.create(name)`` makes one, ``Arena.open(name)`` maps an existing
+    one (from any process), ``Arena.unlink(name)`` removes the name.  A name
+    without a slash lives in /dev/shm; a name with one is a file path.
+    ``arena.counter(key)`` returns the counter for ``key``, creating it if
+    needed; every process that opens the arena sees and updates the same
+    counters.  Use as a context manager to close it.
+    """
+
+    def __init__(self, path: str, fd: int, layout: Layout):
+        # Use Arena.create() or Arena.open().
+        self._path = path
+        self._layout = layout
+        try:
+            self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, layout.total_size,
+                                                         mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self._map = _core._ArenaMap(self._mmap, layout.table_offset, layout.entry_size,
+                                    layout.key_max, layout.capacity, layout.regions_offset,
+                                    layout.region_size, layout.possible_cpus)
+
+    # -- creation and opening ------------------------------------------------
+
+    @classmethod
+    def create(cls, name: Union[str, os.PathLike], *, capacity: int = DEFAULT_CAPACITY,
+               key_max: int = DEFAULT_KEY_MAX) -> "Arena":
+        """Create a new arena; FileExistsError if the name is taken.
+
+        ``capacity`` is the number of counters it can hold, ``key_max`` the
+        longest key in UTF-8 bytes.  The file is owner-only (0600).
+        """
+        if not isinstance(capacity, int) or not 1 <= capacity <= 1 << 24:
+            raise ValueError(f"capacity must be an int in 1..{1 << 24}, not {capacity!r}")
+        if not isinstance(key_max, int) or not 1 <= key_max <= 4096:
+            raise ValueError(f"key_max must be an int in 1..4096, not {key_max!r}")
+        path = _path_for(name)
+        layout = Layout.compute(_core.info_dict()["possible_cpus"], capacity, key_max)
+        directory, base = os.path.split(path)
+        temporary = os.path.join(directory or ".", f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, layout.total_size)
+            os.pwrite(fd, layout.pack(os.getpid()), 0)
+            # Linking publishes the complete file atomically, and fails if the
+            # name exists: nobody ever opens a half-initialised arena.
+            os.link(temporary, path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(temporary)
+            raise
+        os.unlink(temporary)
+        return cls(path, fd, layout)
+
+    @classmethod
+    def open(cls, name: Union[str, os.PathLike]) -> "Arena":
+        """Map an existing arena, validating it first (ArenaFormatError)."""
+        path = _path_for(name)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            head = os.pread(fd, HEADER_SIZE, 0)
+            layout = parse_header(head, size, _core.info_dict()["possible_cpus"])
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, layout)
+
+    @staticmethod
+    def unlink(name: Union[str, os.PathLike]) -> None:
+        """Remove the arena's name; processes that have it open keep using it."""
+        os.unlink(_path_for(name))
+
+    # -- use ---------------------------------------------------------------
+
+    def _live_map(self):
+        if self._map is None:
+            raise ValueError("the arena is closed")
+        return self._map
+
+    def counter(self, key: str) -> "_core.ArenaCounter":
+        """The counter stored under ``key`` (str), created at zero if absent.
+
+        ArenaFullError when the arena has no room for a new key.
+        """
+        arena_map = self._live_map()
+        data = _encode_key(key, self._layout.key_max)
+        index = arena_map.find(data, True)
+        return arena_map.counter(index, key)
+
+    def get(self, key: str) -> Optional["_core.ArenaCounter"]:
+        """The counter stored under ``key``, or None if there is none."""
+        arena_map = self._live_map()
+        index = arena_map.find(_encode_key(key, self._layout.key_max), False)
+        return None if index < 0 else arena_map.counter(index, key)
+
+    def keys(self) -> list[str]:
+        """The keys of the counters in the arena, in table order."""
+        return [key.decode("utf-8", "replace") for _, key in self._live_map().keys()]
+
+    def values(self) -> dict[str, int]:
+        """Every counter's value, by key."""
+        arena_map = self._live_map()
+        out = {}
+        for index, raw in arena_map.keys():
+            key = raw.decode("utf-8", "replace")
+            out[key] = arena_map.counter(index, key).value()
+        return out
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._live_map().keys())
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def capacity(self) -> int:
+        return self._layout.capacity
+
+    @property
+    def key_max(self) -> int:
+        return self._layout.key_max
+
+    @property
+    def possible_cpus(self) -> int:
+        return self._layout.possible_cpus
+
+    @property
+    def size(self) -> int:
+        """Bytes mapped."""
+        return self._layout.total_size
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def close(self) -> None:
+        """Drop this object's mapping.  Counters taken from the arena keep
+        the memory mapped until they are gone themselves."""
+        self._map = None
+        self._mmap = None
+
+    def __enter__(self) -> "Arena":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.capacity} counters"
+        return f"<rseq.Arena {self._path!r} {state}>"
