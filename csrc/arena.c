@@ -457,7 +457,7 @@ static PyType_Slot arena_counter_slots[] = {
 };
 
 static PyType_Spec arena_counter_spec = {
-    .name = "rseq.ArenaCounter",
+    .name = RSEQ_TYPE_NAME("ArenaCounter"),
     .basicsize = sizeof(CounterObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
     .slots = arena_counter_slots,
@@ -489,7 +489,7 @@ static PyType_Slot arena_map_slots[] = {
 };
 
 static PyType_Spec arena_map_spec = {
-    .name = "rseq._core._ArenaMap",
+    .name = RSEQ_TYPE_NAME("_ArenaMap"),
     .basicsize = sizeof(ArenaMapObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = arena_map_slots,

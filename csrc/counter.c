@@ -343,7 +343,7 @@ static PyType_Slot percpu_counter_slots[] = {
 };
 
 static PyType_Spec percpu_counter_spec = {
-    .name = "rseq.PerCpuCounter",
+    .name = RSEQ_TYPE_NAME("PerCpuCounter"),
     .basicsize = sizeof(CounterObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = percpu_counter_slots,

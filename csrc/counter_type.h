@@ -9,6 +9,13 @@
 
 #include "counter.h"
 
+/* The test build's types live in rseq._inject, the release build's in rseq. */
+#ifdef RSEQ_INJECT
+#define RSEQ_TYPE_NAME(name) "rseq._inject." name
+#else
+#define RSEQ_TYPE_NAME(name) "rseq." name
+#endif
+
 typedef struct {
     PyObject_HEAD
     struct counter_slots slots;

@@ -1,0 +1,173 @@
+/*
+ * inject_module.c - rseq._inject, the test build of the per-CPU code.
+ *
+ * The same counter and arena sources as rseq._core, compiled with
+ * RSEQ_INJECT=1 so that every critical section carries its numbered delay
+ * loops, plus the controls of those loops.  It has no registration code: it
+ * takes the calling thread's area from rseq._core's C API, exactly as any
+ * third-party extension would (RSEQ_CAPI_CLIENT), so loading it never
+ * creates a second registrant.  Used by the stress harness and the tests;
+ * the release module carries no injection code at all.
+ */
+#define PY_SSIZE_T_CLEAN
+#define _GNU_SOURCE
+#include <Python.h>
+
+#include "core.h"
+#include "counter_type.h"
+#include "inject.h"
+#include "rseq/capi.h"
+
+RSEQ_INJECT_DEFINE_GLOBALS
+
+const struct rseq_capi *rseq_client_api;
+
+static PyObject *py_set_loops(PyObject *module, PyObject *args)
+{
+    (void)module;
+    int point;
+    unsigned int loops;
+    if (!PyArg_ParseTuple(args, "iI:set_loops", &point, &loops))
+        return NULL;
+    if (point < 1 || point >= RSEQ_INJECT_POINTS) {
+        PyErr_Format(PyExc_ValueError, "injection point %d: points are 1..%d", point,
+                     RSEQ_INJECT_POINTS - 1);
+        return NULL;
+    }
+    __atomic_store_n(&rseq_inject_loops[point], loops, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_loops(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    PyObject *list = PyList_New(RSEQ_INJECT_POINTS);
+    for (int i = 0; list && i < RSEQ_INJECT_POINTS; i++)
+        PyList_SET_ITEM(list, i, PyLong_FromUnsignedLong(
+            __atomic_load_n(&rseq_inject_loops[i], __ATOMIC_RELAXED)));
+    return list;
+}
+
+static PyObject *py_set_mode(PyObject *module, PyObject *args, PyObject *kwds)
+{
+    (void)module;
+    static char *kwlist[] = {"mode", "every", "sleep_us", "signal", NULL};
+    int mode = 0, signal = 0;
+    unsigned int every = 0, sleep_us = 1000;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "i|IIi:set_mode", kwlist, &mode, &every,
+                                     &sleep_us, &signal))
+        return NULL;
+    if (mode & ~(RSEQ_INJECT_MODE_YIELD | RSEQ_INJECT_MODE_SLEEP | RSEQ_INJECT_MODE_SIGNAL)) {
+        PyErr_Format(PyExc_ValueError, "unknown injection mode bits %#x", mode);
+        return NULL;
+    }
+    __atomic_store_n(&rseq_inject_every, every, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_sleep_us, sleep_us, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_signal, signal, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_mode, mode, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_aborts(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    return PyLong_FromUnsignedLong(__atomic_load_n(&rseq_inject_aborts, __ATOMIC_RELAXED));
+}
+
+static PyObject *py_reset(PyObject *module, PyObject *Py_UNUSED(unused))
+{
+    (void)module;
+    for (int i = 0; i < RSEQ_INJECT_POINTS; i++)
+        __atomic_store_n(&rseq_inject_loops[i], 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_mode, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_every, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&rseq_inject_aborts, 0, __ATOMIC_RELAXED);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"set_loops", py_set_loops, METH_VARARGS,
+     "set_loops(point, loops, /)\n--\n\nSpin count of injection point 1..9 (0: off)."},
+    {"get_loops", py_get_loops, METH_NOARGS, "get_loops()\n--\n\nSpin counts by point."},
+    {"set_mode", (PyCFunction)(void (*)(void))py_set_mode, METH_VARARGS | METH_KEYWORDS,
+     "set_mode(mode, every=0, sleep_us=1000, signal=0)\n--\n\n"
+     "What the C points do every `every`-th pass: MODE_YIELD | MODE_SLEEP |\n"
+     "MODE_SIGNAL (raise `signal`, default SIGUSR1: install a handler first)."},
+    {"aborts", py_aborts, METH_NOARGS, "aborts()\n--\n\nAborted sequences seen so far."},
+    {"reset", py_reset, METH_NOARGS, "reset()\n--\n\nAll points off, counts zero."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int module_exec(PyObject *module)
+{
+    rseq_module_state *st = PyModule_GetState(module);
+    rseq_client_api = rseq_capi_import();
+    if (!rseq_client_api)
+        return -1;
+    PyObject *core = PyImport_ImportModule("rseq._core");
+    if (!core)
+        return -1;
+    /* The same exception classes as the release module. */
+#define TAKE(name) \
+    if (!(st->name = PyObject_GetAttrString(core, #name))) { Py_DECREF(core); return -1; }
+    TAKE(RseqError) TAKE(Unsupported) TAKE(RegistrationError) TAKE(NotOwnedWarning)
+    TAKE(ArenaError) TAKE(ArenaFormatError) TAKE(ArenaFullError)
+#undef TAKE
+    Py_DECREF(core);
+    if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
+        return -1;
+    if (PyModule_AddIntConstant(module, "POINTS", RSEQ_INJECT_POINTS) < 0
+        || PyModule_AddIntConstant(module, "MODE_YIELD", RSEQ_INJECT_MODE_YIELD) < 0
+        || PyModule_AddIntConstant(module, "MODE_SLEEP", RSEQ_INJECT_MODE_SLEEP) < 0
+        || PyModule_AddIntConstant(module, "MODE_SIGNAL", RSEQ_INJECT_MODE_SIGNAL) < 0)
+        return -1;
+    return 0;
+}
+
+static int module_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    rseq_module_state *st = PyModule_GetState(module);
+#define VISIT(name) Py_VISIT(st->name);
+    RSEQ_STATE_MEMBERS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int module_clear(PyObject *module)
+{
+    rseq_module_state *st = PyModule_GetState(module);
+#define CLEAR(name) Py_CLEAR(st->name);
+    RSEQ_STATE_MEMBERS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void module_free(void *module) { module_clear((PyObject *)module); }
+
+static PyModuleDef_Slot module_slots[] = {
+    {Py_mod_exec, module_exec},
+#ifdef Py_mod_multiple_interpreters
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#endif
+#ifdef Py_mod_gil
+    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#endif
+    {0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "rseq._inject",
+    .m_doc = "The test build of rseq's per-CPU code, with delay-injection points.",
+    .m_size = sizeof(rseq_module_state),
+    .m_methods = module_methods,
+    .m_slots = module_slots,
+    .m_traverse = module_traverse,
+    .m_clear = module_clear,
+    .m_free = module_free,
+};
+
+PyMODINIT_FUNC PyInit__inject(void)
+{
+    return PyModuleDef_Init(&module_def);
+}
