@@ -13,6 +13,7 @@
 
 #include "core.h"
 #include "counter_type.h"
+#include "percpu.h"
 #include "registration.h"
 #include "rseq/capi.h"
 
@@ -344,15 +345,48 @@ static int capi_unregister(void)
     return rseq_thread_unregister(&not_owned);
 }
 
+/* The primitives for other extensions: the same inline sequences, behind
+ * function pointers (a call costs ~1 ns; an extension that needs less can
+ * include the sequences itself once the ABI header is all it shares). */
+static int capi_current_index(struct rseq_abi *rs, int mode)
+{
+    return rseq_current_index(rs, (enum rseq_index_mode)mode);
+}
+
+static int capi_load_cbne_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t expect,
+                                intptr_t newv, int cpu)
+{
+#if RSEQ_ARCH_HAS_CS
+    return rseq_load_cbne_store(rs, (enum rseq_index_mode)mode, v, expect, newv, cpu);
+#else
+    (void)rs; (void)mode; (void)cpu;
+    return rseq_fallback_load_cbne_store(v, expect, newv);
+#endif
+}
+
+static int capi_load_add_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t count,
+                               int cpu)
+{
+#if RSEQ_ARCH_HAS_CS
+    return rseq_load_add_store(rs, (enum rseq_index_mode)mode, v, count, cpu);
+#else
+    (void)rs; (void)mode; (void)cpu;
+    return rseq_fallback_load_add_store(v, count);
+#endif
+}
+
 static const struct rseq_capi capi = {
-    .size = offsetof(struct rseq_capi, current_index),
-    .version = 1,
+    .size = sizeof(struct rseq_capi),
+    .version = RSEQ_CAPI_VERSION,
     .signature = RSEQ_SIG,
     .thread_area = capi_thread_area,
     .thread_area_size = capi_thread_area_size,
     .current_cpu = rseq_fallback_cpu,
     .register_thread = capi_register,
     .unregister_thread = capi_unregister,
+    .current_index = capi_current_index,
+    .load_cbne_store = capi_load_cbne_store,
+    .load_add_store = capi_load_add_store,
 };
 
 /* ------------------------------------------------------------------------

@@ -17,7 +17,10 @@
  * end each other's registration.
  *
  * The struct only grows: check `size` before using a member added after
- * version 1 (RSEQ_CAPI_HAS(api, member)).
+ * version 1 (RSEQ_CAPI_HAS(api, member)).  Version 2 added the per-CPU
+ * primitives; the mixing rule applies to them: words written by these
+ * sequences must never be written by atomic fallback code at the same time
+ * (give threads without an area their own lane, as rseq's counters do).
  */
 #ifndef RSEQ_CAPI_H
 #define RSEQ_CAPI_H
@@ -29,7 +32,7 @@
 #include "rseq/abi.h"
 
 #define RSEQ_CAPI_CAPSULE_NAME "rseq._core._C_API"
-#define RSEQ_CAPI_VERSION 1
+#define RSEQ_CAPI_VERSION 2
 
 enum rseq_capi_index_mode { RSEQ_CAPI_INDEX_CPU_ID = 0, RSEQ_CAPI_INDEX_MM_CID = 1 };
 
