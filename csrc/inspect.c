@@ -4,7 +4,8 @@
  *
  * The thread is seized (PTRACE_SEIZE does not stop it or send a signal),
  * interrupted into a group-stop-free ptrace stop, asked, and detached at
- * once: it never sees a signal and resumes where it was.
+ * once: it never sees a signal and resumes where it was.  A signal that
+ * arrives meanwhile is passed back on detach, not lost.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -42,7 +43,7 @@ const char *errno_name(int err)
 static int read_configuration(pid_t tid, struct rseq_ptrace_configuration *conf,
                               const char **failed)
 {
-    int status, ret = 0;
+    int status, ret = 0, resume_signal = 0;
     if (ptrace(PTRACE_SEIZE, tid, NULL, NULL) != 0) {
         *failed = "ptrace(PTRACE_SEIZE)";
         return -errno;
@@ -52,11 +53,21 @@ static int read_configuration(pid_t tid, struct rseq_ptrace_configuration *conf,
         ret = -errno;
         goto detach;
     }
-    if (waitpid(tid, &status, __WALL) < 0) {
+    pid_t waited;
+    do
+        waited = waitpid(tid, &status, __WALL);
+    while (waited < 0 && errno == EINTR);
+    if (waited < 0) {
         *failed = "waitpid";
         ret = -errno;
         goto detach;
     }
+    /* A signal pending when the thread was interrupted is reported first,
+     * as a signal-delivery-stop (event 0) rather than the interrupt's
+     * PTRACE_EVENT_STOP.  Detaching with 0 would discard it: hand it back
+     * so the inspected process never loses a signal. */
+    if (WIFSTOPPED(status) && (status >> 16) == 0)
+        resume_signal = WSTOPSIG(status);
     memset(conf, 0, sizeof *conf);
     long n = ptrace((enum __ptrace_request)RSEQ_PTRACE_GET_CONFIGURATION, tid,
                     (void *)sizeof *conf, conf);
@@ -66,7 +77,7 @@ static int read_configuration(pid_t tid, struct rseq_ptrace_configuration *conf,
         ret = -errno;
     }
 detach:
-    ptrace(PTRACE_DETACH, tid, NULL, NULL);
+    ptrace(PTRACE_DETACH, tid, NULL, (void *)(long)resume_signal);
     return ret;
 }
 

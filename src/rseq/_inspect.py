@@ -42,6 +42,15 @@ def _thread_name(pid: int, tid: int) -> str:
         return "?"
 
 
+def _task_state(pid: int, tid: int) -> Optional[str]:
+    """The one-letter state of a thread ("R", "S", "Z", ...), or None."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
 def inspect_process(pid: int) -> list[ThreadRegistration]:
     """Each thread of process ``pid`` with its registration.
 
@@ -77,12 +86,21 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
             if e.errno == errno.EIO:
                 raise InspectError("this kernel lacks PTRACE_GET_RSEQ_CONFIGURATION "
                                    "(Linux 5.13 or later is needed)") from None
+            if e.errno == errno.EPERM and _task_state(pid, tid) in ("Z", "X"):
+                # ptrace refuses a thread that has exited but is not yet
+                # reaped (EPERM, not ESRCH): it is gone, not forbidden.
+                threads.append(ThreadRegistration(tid, name, 0, 0, 0, 0, "exited"))
+                continue
             if e.errno in (errno.EPERM, errno.EACCES):
+                hint = ("; see /proc/sys/kernel/yama/ptrace_scope"
+                        if os.path.exists("/proc/sys/kernel/yama/ptrace_scope") else "")
                 raise InspectError(f"permission denied: cannot ptrace process {pid} "
-                                   f"({e.strerror}; see /proc/sys/kernel/yama/"
-                                   "ptrace_scope)") from None
+                                   f"({e.strerror}{hint})") from None
             raise InspectError(str(e)) from None
         threads.append(ThreadRegistration(tid, name, address, size, signature, flags))
+    if threads and all(t.error for t in threads) and _task_state(pid, pid) in ("Z", "X"):
+        raise InspectError(f"process {pid} has exited (a zombie its parent has not "
+                           "reaped yet): no thread left to inspect")
     return threads
 
 
