@@ -1,0 +1,536 @@
+"""``python -m rseq stress``: the stress matrix and the kill test.
+
+Every case runs workers (more than there are CPUs) that hammer one structure
+from the test build ``rseq._inject`` while an injection point inside the
+critical section is widened and the workers are disturbed, then checks the
+exact expected total:
+
+  structure   PerCpuCounter (threads) and ArenaCounter (threads, processes),
+              and each per-CPU primitive (see PRIMITIVES)
+  point       the numbered injection points of inject.h
+  action      yield / sleep at the C points, or a signal storm
+  index       cpu_id, and mm_cid where the registration covers it (the mm_cid
+              half re-runs itself with GLIBC_TUNABLES=glibc.pthread.rseq=0)
+  workers     threads or processes, with a mover thread migrating them
+
+The kill test SIGKILLs arena workers at random instants and checks that the
+arena still validates, no key is left claimed by a dead process in a way
+that blocks, and the counter lies between what the workers had committed and
+that plus one per kill.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Optional
+
+ACTIONS = ("yield", "signal", "sleep")
+COUNTER_POINTS = (1, 2, 3, 4, 7)
+
+
+@dataclasses.dataclass
+class CaseResult:
+    name: str
+    expected: int
+    got: int
+    aborts: int
+    seconds: float
+    skipped: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is not None or self.expected == self.got
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"  skip  {self.name}: {self.skipped}"
+        status = "ok  " if self.ok else "FAIL"
+        return (f"  {status}  {self.name}: expected {self.expected}, got {self.got} "
+                f"({self.aborts} aborts, {self.seconds:.2f}s)")
+
+
+# ---------------------------------------------------------------------------
+# Disturbances
+# ---------------------------------------------------------------------------
+
+def _ignore(signum, frame):
+    pass
+
+
+class _SharedCounts:
+    """One int64 per worker process, in memory the parent shares with them."""
+
+    def __init__(self, n: int):
+        self._map = mmap.mmap(-1, 8 * n)
+        self._view = memoryview(self._map).cast("q")
+
+    def __setitem__(self, i: int, value: int):
+        self._view[i] = value
+
+    def total(self) -> int:
+        return sum(self._view)
+
+
+class Disturber:
+    """A thread that sends signals to and migrates the workers until stopped."""
+
+    def __init__(self, storm: bool, migrate: bool):
+        self.storm = storm
+        self.migrate = migrate
+        self.thread_ids: list[int] = []     # native thread ids (migration)
+        self.pthread_ids: list[int] = []    # pthread ids (signals to threads)
+        self.pids: list[int] = []           # worker processes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.signals = 0
+        self.migrations = 0
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        cpus = sorted(os.sched_getaffinity(0))
+        rng = random.Random(1)
+        while not self._stop.is_set():
+            if self.storm:
+                for ident in list(self.pthread_ids):
+                    try:
+                        signal.pthread_kill(ident, signal.SIGUSR1)
+                        self.signals += 1
+                    except (ProcessLookupError, OSError):
+                        pass
+                for pid in list(self.pids):
+                    try:
+                        os.kill(pid, signal.SIGUSR1)
+                        self.signals += 1
+                    except ProcessLookupError:
+                        pass
+            if self.migrate and len(cpus) > 1:
+                for tid in list(self.thread_ids) + list(self.pids):
+                    try:
+                        os.sched_setaffinity(tid, {rng.choice(cpus)})
+                        self.migrations += 1
+                    except OSError:
+                        pass
+            time.sleep(0.0002 if self.storm else 0.001)
+
+
+def _configure_injection(inject, point: int, loops: int, action: str):
+    inject.reset()
+    inject.set_loops(point, loops)
+    if action == "yield":
+        inject.set_mode(inject.MODE_YIELD, every=7)
+    elif action == "sleep":
+        inject.set_mode(inject.MODE_SLEEP, every=97, sleep_us=100)
+    elif action == "signal":
+        # The storm comes from the disturber; the C points raise too.
+        inject.set_mode(inject.MODE_SIGNAL, every=13)
+
+
+# ---------------------------------------------------------------------------
+# Counter cases
+# ---------------------------------------------------------------------------
+
+def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
+    ready = threading.Barrier(n + 1)
+
+    def worker():
+        disturber.thread_ids.append(threading.get_native_id())
+        disturber.pthread_ids.append(threading.get_ident())
+        ready.wait()
+        body()
+
+    threads = [threading.Thread(target=worker) for _ in range(n)]
+    for t in threads:
+        t.start()
+    ready.wait()
+    for t in threads:
+        t.join()
+
+
+def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
+                 nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
+    from . import _inject
+    import rseq
+
+    name = (f"{structure:<7} point={point} action={action:<6} index={index:<6} "
+            f"workers={workers}")
+    if workers == "processes" and structure != "arena":
+        return CaseResult(name, 0, 0, 0, 0.0, "in-process counters are per process")
+    if workers == "processes" and index == "mm_cid":
+        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid is per process: arenas index by cpu_id")
+    if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
+        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
+    old_handler = signal.signal(signal.SIGUSR1, _ignore)
+    start = time.perf_counter()
+    arena = None
+    tmpdir = None
+    try:
+        _configure_injection(_inject, point, loops, action)
+        disturber = Disturber(storm=action == "signal", migrate=migrate)
+        if structure == "counter":
+            counter = _inject.PerCpuCounter(index=index)
+        else:
+            tmpdir = tempfile.mkdtemp(prefix="rseq-stress-")
+            path = os.path.join(tmpdir, "arena")
+            arena = rseq.Arena.create(path, capacity=8)
+            arena.counter("total")
+            counter = _arena_counter(_inject, arena, "total")
+        if workers == "threads":
+            disturber.start()
+
+            def body():
+                add = counter.add
+                for i in range(reps):
+                    add(1)
+            _run_threads(nworkers, body, disturber)
+        else:
+            pids = []
+            child_aborts = _SharedCounts(nworkers)
+            for w in range(nworkers):
+                pid = os.fork()
+                if pid == 0:  # child: add, then leave without cleanup
+                    code = 1
+                    try:
+                        child_counter = _arena_counter(_inject, rseq.Arena.open(path), "total")
+                        add = child_counter.add
+                        for i in range(reps):
+                            add(1)
+                        child_aborts[w] = _inject.aborts()
+                        code = 0
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+                disturber.pids.append(pid)
+            disturber.start()  # after forking: a child never inherits it mid-call
+            failures = 0
+            for pid in pids:
+                _, status = os.waitpid(pid, 0)
+                failures += os.waitstatus_to_exitcode(status) != 0
+            if failures:
+                raise RuntimeError(f"{failures} worker process(es) failed")
+        disturber.stop()
+        got = counter.value()
+        aborts = _inject.aborts() + (child_aborts.total() if workers == "processes" else 0)
+        return CaseResult(name, nworkers * reps, got, aborts, time.perf_counter() - start)
+    finally:
+        _inject.reset()
+        signal.signal(signal.SIGUSR1, old_handler)
+        if arena is not None:
+            arena.close()
+        if tmpdir:
+            for f in os.listdir(tmpdir):
+                os.unlink(os.path.join(tmpdir, f))
+            os.rmdir(tmpdir)
+
+
+def _arena_counter(inject, arena, key: str):
+    """The counter of `arena` under `key`, through the test build's types."""
+    layout = arena._layout
+    arena_map = inject._ArenaMap(arena._mmap, layout.table_offset, layout.entry_size,
+                                 layout.key_max, layout.capacity, layout.regions_offset,
+                                 layout.region_size, layout.possible_cpus)
+    index = arena_map.find(key.encode(), True)
+    return arena_map.counter(index, key)
+
+
+# ---------------------------------------------------------------------------
+# Primitive cases (the C workers of rseq._inject)
+# ---------------------------------------------------------------------------
+
+def primitive_names() -> tuple[str, ...]:
+    from . import _inject
+    return tuple(getattr(_inject, "PRIMITIVES", ()))
+
+
+def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
+                   nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
+    from . import _inject
+    import rseq
+
+    name = (f"{primitive:<7} point={point} action={action:<6} index={index:<6} "
+            f"workers={workers}")
+    if workers == "processes" and index == "mm_cid":
+        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid is per process")
+    if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
+        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
+    old_handler = signal.signal(signal.SIGUSR1, _ignore)
+    start = time.perf_counter()
+    try:
+        _configure_injection(_inject, point, loops, action)
+        disturber = Disturber(storm=action == "signal", migrate=migrate)
+        shared = mmap.mmap(-1, _inject.primitive_size(primitive, nworkers))
+        _inject.primitive_init(primitive, shared, nworkers)
+        if workers == "threads":
+            disturber.start()
+            counter = itertools.count()
+
+            def body():
+                _inject.primitive_run(primitive, shared, next(counter), reps, index)
+            _run_threads(nworkers, body, disturber)
+        else:
+            pids = []
+            child_aborts = _SharedCounts(nworkers)
+            for w in range(nworkers):
+                pid = os.fork()
+                if pid == 0:
+                    code = 1
+                    try:
+                        _inject.primitive_run(primitive, shared, w, reps, index)
+                        child_aborts[w] = _inject.aborts()
+                        code = 0
+                    finally:
+                        os._exit(code)
+                pids.append(pid)
+                disturber.pids.append(pid)
+            disturber.start()
+            failures = 0
+            for pid in pids:
+                _, status = os.waitpid(pid, 0)
+                failures += os.waitstatus_to_exitcode(status) != 0
+            if failures:
+                raise RuntimeError(f"{failures} worker process(es) failed")
+        disturber.stop()
+        expected, got = _inject.primitive_check(primitive, shared, nworkers, reps)
+        aborts = _inject.aborts() + (child_aborts.total() if workers == "processes" else 0)
+        return CaseResult(name, expected, got, aborts, time.perf_counter() - start)
+    finally:
+        _inject.reset()
+        signal.signal(signal.SIGUSR1, old_handler)
+
+
+# ---------------------------------------------------------------------------
+# Kill test
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class KillResult:
+    kills: int
+    committed: int
+    got: int
+    keys_checked: int
+    claimed_by_dead: int
+    seconds: float
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and self.committed <= self.got <= self.committed + self.kills
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        text = (f"  {status}  kill test: {self.kills} SIGKILLs, committed {self.committed}, "
+                f"counter {self.got} (allowed {self.committed}..{self.committed + self.kills}), "
+                f"{self.keys_checked} keys re-validated, {self.claimed_by_dead} claims "
+                f"taken over, {self.seconds:.1f}s")
+        return "\n".join([text] + [f"        problem: {p}" for p in self.problems])
+
+
+def _kill_worker(path: str, done_path: str, slot: int, key_space: int, seed: int):
+    import rseq
+    rng = random.Random(seed)
+    with open(done_path, "r+b") as f:
+        done = mmap.mmap(f.fileno(), 0)
+    view = memoryview(done).cast("q")
+    arena = rseq.Arena.open(path)
+    total = arena.counter("total")
+    committed = 0
+    while True:
+        # Creating keys at random instants puts kills inside key creation too.
+        if rng.random() < 0.01:
+            arena.counter(f"key-{rng.randrange(key_space)}").add(1)
+        total.add(1)
+        committed += 1
+        view[slot] = committed   # after the add returned: at most one ahead
+
+
+def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
+    import rseq
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    tmpdir = tempfile.mkdtemp(prefix="rseq-kill-")
+    path = os.path.join(tmpdir, "arena")
+    done_path = os.path.join(tmpdir, "done")
+    slots = kills + workers + 1
+    with open(done_path, "wb") as f:
+        f.write(b"\0" * 8 * slots)
+    problems = []
+    key_space = 40
+    arena = rseq.Arena.create(path, capacity=64)
+    arena.counter("total")
+    killed = 0
+    next_slot = 0
+    running: dict[int, int] = {}
+
+    def spawn():
+        nonlocal next_slot
+        slot = next_slot
+        next_slot += 1
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _kill_worker(path, done_path, slot, key_space, seed * 1000 + slot)
+            finally:
+                os._exit(1)
+        running[pid] = slot
+
+    try:
+        for _ in range(workers):
+            spawn()
+        while killed < kills:
+            time.sleep(rng.uniform(0.0, 0.02))
+            pid = rng.choice(list(running))
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            del running[pid]
+            killed += 1
+            spawn()
+        for pid in list(running):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            killed += 1
+        running.clear()
+        with open(done_path, "rb") as f:
+            done = memoryview(f.read()).cast("q")
+        committed = sum(done)
+        got = arena.counter("total").value()
+        # The arena must still validate and every key must still be usable:
+        # a claim left by a killed creator is taken over, never waited on.
+        arena.close()
+        reopened = rseq.Arena.open(path)
+        claimed_before = sum(1 for i in range(reopened.capacity)
+                             if reopened._map.entry_state(i)[0] == "claimed")
+        for k in range(key_space):
+            reopened.counter(f"key-{k}")
+        for i in range(reopened.capacity):
+            state, owner = reopened._map.entry_state(i)
+            if state == "claimed":
+                problems.append(f"entry {i} still claimed by pid {owner}")
+            if state == "corrupt":
+                problems.append(f"entry {i} corrupt")
+        keys = reopened.keys()
+        if len(set(keys)) != len(keys):
+            problems.append(f"duplicate keys: {sorted(keys)}")
+        reopened.close()
+        return KillResult(killed, committed, got, len(keys), claimed_before, time.perf_counter() - start,
+                          problems)
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for f in os.listdir(tmpdir):
+            os.unlink(os.path.join(tmpdir, f))
+        os.rmdir(tmpdir)
+
+
+# ---------------------------------------------------------------------------
+# The matrix
+# ---------------------------------------------------------------------------
+
+def matrix(quick: bool, index_modes: tuple[str, ...]):
+    """(kind, parameters) of every case: counters, then primitives."""
+    points = COUNTER_POINTS if not quick else (3, 4, 7)
+    for structure, point, action, index, workers in itertools.product(
+            ("counter", "arena"), points, ACTIONS, index_modes, ("threads", "processes")):
+        yield "counter", dict(structure=structure, point=point, action=action, index=index,
+                              workers=workers)
+    for primitive in primitive_names():
+        for point, action, index, workers in itertools.product(
+                points, ACTIONS, index_modes, ("threads", "processes")):
+            yield "primitive", dict(primitive=primitive, point=point, action=action,
+                                    index=index, workers=workers)
+
+
+def run_matrix(quick: bool, index_modes: tuple[str, ...], out=print) -> list[CaseResult]:
+    # A window of ~10 us inside each critical section: long enough that
+    # preemption, migration and the signal storm land inside it often.
+    reps = 1500 if quick else 20000
+    nworkers = 3 if quick else 4
+    loops = 20000
+    results = []
+    for kind, params in matrix(quick, index_modes):
+        run = counter_case if kind == "counter" else primitive_case
+        result = run(nworkers=nworkers, reps=reps, loops=loops, **params)
+        results.append(result)
+        out(result.line())
+    return results
+
+
+def _mm_cid_child(quick: bool, as_json: bool) -> list[dict]:
+    """Run the mm_cid half in a child whose registration covers mm_cid."""
+    env = dict(os.environ, GLIBC_TUNABLES="glibc.pthread.rseq=0")
+    cmd = [sys.executable, "-m", "rseq", "stress", "--index", "mm_cid", "--no-kill", "--json"]
+    if quick:
+        cmd.append("--quick")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"mm_cid stress child failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)["cases"]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rseq stress",
+                                     description="The per-CPU stress matrix and kill test.")
+    parser.add_argument("--quick", action="store_true",
+                        help="a short slice of the matrix (what the default tests run)")
+    parser.add_argument("--index", choices=("cpu", "mm_cid", "both"), default="both")
+    parser.add_argument("--kills", type=int, default=100, help="SIGKILLs in the kill test")
+    parser.add_argument("--no-kill", action="store_true", help="skip the kill test")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    import rseq
+
+    out = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    facts = rseq.info()
+    out(f"rseq stress: owner={facts.owner} critical_sections={facts.critical_sections} "
+        f"cpus={os.cpu_count()} quick={args.quick}")
+    cases: list[dict] = []
+    ok = True
+    local_modes = ("cpu",) if args.index in ("cpu", "both") else ()
+    if args.index == "mm_cid":
+        local_modes = ("mm_cid",)
+    if local_modes:
+        for r in run_matrix(args.quick, local_modes, out):
+            cases.append(dataclasses.asdict(r) | {"ok": r.ok})
+            ok &= r.ok
+    if args.index == "both":
+        if "mm_cid" in facts.fields:
+            for r in run_matrix(args.quick, ("mm_cid",), out):
+                cases.append(dataclasses.asdict(r) | {"ok": r.ok})
+                ok &= r.ok
+        else:
+            out("  (mm_cid half: re-running under GLIBC_TUNABLES=glibc.pthread.rseq=0)")
+            for c in _mm_cid_child(args.quick, args.json):
+                cases.append(c)
+                ok &= c["ok"]
+                out(CaseResult(**{k: c[k] for k in ("name", "expected", "got", "aborts",
+                                                     "seconds", "skipped")}).line())
+    kill = None
+    if not args.no_kill:
+        kill = kill_test(kills=args.kills)
+        out(kill.line())
+        ok &= kill.ok
+    ran = sum(1 for c in cases if not c["skipped"])
+    failed = sum(1 for c in cases if not c["ok"])
+    out(f"rseq stress: {ran} cases run, {len(cases) - ran} skipped, {failed} failed"
+        + (f", kill test {'ok' if kill.ok else 'FAILED'}" if kill else ""))
+    if args.json:
+        print(json.dumps({"ok": ok, "cases": cases,
+                          "kill": dataclasses.asdict(kill) | {"ok": kill.ok} if kill else None},
+                         indent=1))
+    return 0 if ok else 1
