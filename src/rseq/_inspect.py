@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import time
 from typing import Optional
 
 from . import _core
@@ -51,6 +52,22 @@ def _task_state(pid: int, tid: int) -> Optional[str]:
         return None
 
 
+def _read_exiting(pid: int, tid: int, attempts: int = 20) -> tuple[int, int, int, int]:
+    """thread_configuration(tid), waiting out a thread that is exiting.
+
+    ptrace answers EPERM for a thread already in exit (PF_EXITING) while
+    /proc still lists it as running; it is gone within milliseconds, so a
+    repeated EPERM on a thread that is still alive is a real refusal."""
+    for attempt in range(attempts):
+        try:
+            return _core.thread_configuration(tid)
+        except PermissionError:
+            if attempt == attempts - 1 or tid == pid or _task_state(pid, tid) in (None, "Z", "X"):
+                raise
+            time.sleep(0.001)
+    raise AssertionError("unreachable")
+
+
 def inspect_process(pid: int) -> list[ThreadRegistration]:
     """Each thread of process ``pid`` with its registration.
 
@@ -72,7 +89,7 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
     for tid in tids:
         name = _thread_name(pid, tid)
         try:
-            address, size, signature, flags = _core.thread_configuration(tid)
+            address, size, signature, flags = _read_exiting(pid, tid)
         except OSError as e:
             if e.errno == errno.ESRCH and threads:
                 # The thread exited between listing and reading.
@@ -86,9 +103,9 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
             if e.errno == errno.EIO:
                 raise InspectError("this kernel lacks PTRACE_GET_RSEQ_CONFIGURATION "
                                    "(Linux 5.13 or later is needed)") from None
-            if e.errno == errno.EPERM and _task_state(pid, tid) in ("Z", "X"):
-                # ptrace refuses a thread that has exited but is not yet
-                # reaped (EPERM, not ESRCH): it is gone, not forbidden.
+            if e.errno == errno.EPERM and _task_state(pid, tid) in (None, "Z", "X"):
+                # ptrace refuses a thread that is exiting or has exited but
+                # is not reaped yet (EPERM, not ESRCH): gone, not forbidden.
                 threads.append(ThreadRegistration(tid, name, 0, 0, 0, 0, "exited"))
                 continue
             if e.errno in (errno.EPERM, errno.EACCES):
