@@ -381,7 +381,7 @@ static const struct rseq_capi capi = {
     .signature = RSEQ_SIG,
     .thread_area = capi_thread_area,
     .thread_area_size = capi_thread_area_size,
-    .current_cpu = rseq_fallback_cpu,
+    .current_cpu = rseq_current_cpu,  /* the area first, as documented */
     .register_thread = capi_register,
     .unregister_thread = capi_unregister,
     .current_index = capi_current_index,
@@ -405,6 +405,7 @@ static PyMethodDef module_methods[] = {
     {"_set_registration_count", py_set_refcount, METH_O,
      "Tests only: set the calling thread's reference count."},
     RSEQ_INSPECT_METHODS
+    RSEQ_BENCH_METHODS
     {NULL, NULL, 0, NULL},
 };
 
