@@ -1,0 +1,158 @@
+"""rseq's C API (the rseq._core._C_API capsule) used from a compiled test
+extension, tests/capi_ext/capi_ext.c, built here with gcc."""
+from __future__ import annotations
+
+import errno
+import os
+import sys
+import threading
+
+import pytest
+
+import rseq
+from helpers.build import build_capi_ext
+from helpers.subproc import OWN_REGISTRATION, run_json
+from helpers.system import usable_cpus
+
+pytestmark = pytest.mark.usefixtures("kernel_rseq")
+
+
+@pytest.fixture(scope="session")
+def capi_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("capi_ext")
+    try:
+        build_capi_ext(str(out))
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def ext(capi_dir):
+    sys.path.insert(0, capi_dir)
+    try:
+        import capi_ext
+    finally:
+        sys.path.remove(capi_dir)
+    capi_ext.import_api()
+    return capi_ext
+
+
+def in_thread(fn):
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:
+            box["error"] = e
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
+def test_capsule_header(ext):
+    api = ext.import_api()
+    assert api["signature"] == 0x53053053 == rseq._core.SIGNATURE
+    assert api["version"] >= 1
+    assert api["has_v1"] and api["size"] >= api["v1_end"]
+    # The struct only grows: version 2 brought the per-CPU primitives.
+    assert api["has_current_index"] == (api["version"] >= 2)
+
+
+def test_area_and_size_match_info(ext, glibc_mode):
+    def look():
+        facts = rseq.info()
+        return ext.thread_area(), ext.thread_area_size(), facts.area_address, facts.usable_size
+    for area, size, address, usable in (look(), in_thread(look)):
+        assert area == address and area is not None
+        assert size == usable == 20
+
+
+def test_current_cpu_under_pinning(ext):
+    def reads():
+        seen = {}
+        for cpu in usable_cpus():
+            os.sched_setaffinity(threading.get_native_id(), {cpu})
+            seen[cpu] = {(ext.current_cpu(), ext.area_cpu_id(), rseq.cpu())
+                         for _ in range(200)}
+        return seen
+    assert in_thread(reads) == {cpu: {(cpu, cpu, cpu)} for cpu in usable_cpus()}
+
+
+def test_registration_count_is_shared(ext, glibc_mode):
+    def body():
+        steps = [ext.register_thread(), rseq.registration_count(),
+                 rseq.register(), ext.register_thread(), rseq.registration_count(),
+                 ext.unregister_thread(), rseq.unregister(), rseq.registration_count(),
+                 ext.unregister_thread(), rseq.registration_count()]
+        # Nothing held: the C API's unregister is a silent no-op on glibc's area.
+        steps.append(ext.unregister_thread())
+        steps.append(ext.thread_area() == rseq.info().area_address)
+        return steps
+    assert in_thread(body) == [0, 1, 2, 0, 3, 0, False, 1, 0, 0, 0, True]
+
+
+CAPI_CHILD = """
+    import errno, json, os, sys, threading
+    sys.path.insert(0, {dir!r})
+    {prelude}
+    import rseq, capi_ext
+    api = capi_ext.import_api()
+    out = {{}}
+    facts = rseq.info()
+    out["area"] = [capi_ext.thread_area(), facts.area_address,
+                   capi_ext.thread_area_size(), facts.usable_size, facts.owner]
+    seen = {{}}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        os.sched_setaffinity(0, {{cpu}})
+        seen[str(cpu)] = sorted({{capi_ext.current_cpu() for _ in range(100)}})
+    out["cpus"] = seen
+    {body}
+    print(json.dumps(out))
+"""
+
+
+def test_own_registration_through_the_c_api(capi_dir):
+    got = run_json(CAPI_CHILD.format(dir=capi_dir, prelude="", body="""
+    out["steps"] = [capi_ext.register_thread(), rseq.register(),
+                    capi_ext.unregister_thread(), rseq.registration_count(),
+                    rseq.unregister(), capi_ext.thread_area(),
+                    capi_ext.thread_area_size(), rseq.info().fallback,
+                    capi_ext.unregister_thread(), capi_ext.register_thread(),
+                    capi_ext.thread_area() == facts.area_address,
+                    rseq.registration_count()]
+    # Exit check: threads that registered (and some that still hold a
+    # reference) exit; after rseq's destructor their areas are unregistered.
+    def work(hold):
+        capi_ext.register_thread()
+        if not hold:
+            capi_ext.unregister_thread()
+            capi_ext.register_thread()
+        capi_ext.watch_thread_exit(rseq.info().registered_size)
+    for i in range(200):
+        t = threading.Thread(target=work, args=(i % 2 == 0,)); t.start(); t.join()
+    out["exits"] = capi_ext.exit_report()
+    """), env=OWN_REGISTRATION)
+    area, address, size, usable, owner = got["area"]
+    assert area == address and area is not None and owner == "rseq"
+    assert size == usable >= 28
+    assert got["cpus"] == {str(c): [c] for c in usable_cpus()}
+    assert got["steps"] == [0, 2, 0, 1, True, None, 0,
+                            "unregistered by rseq.unregister()",
+                            -errno.EINVAL, 0, True, 1]
+    assert got["exits"] == {"checked": 200, "still_registered": 0,
+                            "other_errors": 0, "last_errno": 0}
+
+
+def test_c_api_when_rseq_is_denied(capi_dir):
+    got = run_json(CAPI_CHILD.format(
+        dir=capi_dir,
+        prelude="from helpers import seccomp; seccomp.deny_rseq(errno.EPERM)",
+        body='out["register"] = capi_ext.register_thread()'), env=OWN_REGISTRATION)
+    assert got["area"] == [None, None, 0, 0, None]
+    assert got["cpus"] == {str(c): [c] for c in usable_cpus()}
+    assert got["register"] == -errno.EPERM
