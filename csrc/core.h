@@ -32,4 +32,10 @@ PyObject *rseq_py_thread_configuration(PyObject *module, PyObject *arg);
      rseq_py_thread_configuration_doc},
 extern const char rseq_py_thread_configuration_doc[];
 
+/* bench.c: C-level timings for `python -m rseq bench`. */
+PyObject *rseq_py_bench_c(PyObject *module, PyObject *args);
+extern const char rseq_py_bench_c_doc[];
+#define RSEQ_BENCH_METHODS \
+    {"_bench_c", rseq_py_bench_c, METH_VARARGS, rseq_py_bench_c_doc},
+
 #endif /* RSEQ_PY_CORE_H */

@@ -405,6 +405,7 @@ static PyMethodDef module_methods[] = {
     {"_set_registration_count", py_set_refcount, METH_O,
      "Tests only: set the calling thread's reference count."},
     RSEQ_INSPECT_METHODS
+    RSEQ_BENCH_METHODS
     {NULL, NULL, 0, NULL},
 };
 

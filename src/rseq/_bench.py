@@ -10,21 +10,35 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import json
+import multiprocessing
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
 import timeit
 from typing import Callable, Optional
 
 from . import _core
 
 
-def _timer(fn: Callable[[], object]) -> timeit.Timer:
-    return timeit.Timer("f()", globals={"f": fn})
+Case = "Callable[..., object] | tuple[Callable[..., object], str]"
 
 
-def measure(cases: dict[str, Callable[[], object]], *, rounds: int,
-            seconds_per_sample: float = 0.02) -> dict[str, float]:
+def _timer(case) -> timeit.Timer:
+    """A case is a callable timed as ``f()``, or ``(f, "f(1)")``: the callable
+    is called directly (a bound method, a builtin), never through a wrapper
+    that would add a Python frame to every figure."""
+    fn, stmt = case if isinstance(case, tuple) else (case, "f()")
+    return timeit.Timer(stmt, globals={"f": fn})
+
+
+def measure(cases: dict, *, rounds: int, seconds_per_sample: float = 0.02) -> dict[str, float]:
     """Median ns per call of each case over ``rounds`` interleaved rounds."""
-    timers = {name: _timer(fn) for name, fn in cases.items()}
+    timers = {name: _timer(case) for name, case in cases.items()}
     numbers = {}
     for name, t in timers.items():
         # Calibrate so that one sample lasts about seconds_per_sample.
@@ -86,7 +100,190 @@ def bench_reads(quick: bool = False) -> dict:
             "notes": [] if psutil_fn else ["psutil not installed: pip install psutil to compare"]}
 
 
-SECTIONS: dict[str, Callable[..., dict]] = {"reads": bench_reads}
+# ---------------------------------------------------------------------------
+# Counters
+# ---------------------------------------------------------------------------
+
+_PROMETHEUS_PROBE = r"""
+import json, os, sys, tempfile, timeit, statistics
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rseq-bench-prom-")
+import prometheus_client
+counter = prometheus_client.Counter("rseq_bench_total", "benchmark")
+inc = counter.inc
+timer = timeit.Timer("f(1)", globals={"f": inc})
+n, elapsed = timer.autorange()
+n = max(1, int(n * float(sys.argv[1]) / max(elapsed, 1e-9)))
+print(json.dumps([timer.timeit(n) / n * 1e9 for _ in range(int(sys.argv[2]))]))
+"""
+
+
+def _prometheus_multiprocess_inc(rounds: int, seconds: float) -> Optional[float]:
+    """prometheus_client's multiprocess Counter.inc(), which must be set up
+    before the package is imported: measured in a child of this run."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        return None
+    proc = subprocess.run([sys.executable, "-c", _PROMETHEUS_PROBE, str(seconds), str(rounds)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        return None
+    return statistics.median(json.loads(proc.stdout))
+
+
+def _throughput_worker(path: str, seconds: float, start, results, slot: int):
+    from ._arena import Arena
+    arena = Arena.open(path)
+    add = arena.counter("throughput").add
+    start.wait()
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            add(1)
+        n += 1000
+    results[slot] = n
+
+
+def arena_throughput(processes: int, seconds: float) -> tuple[float, bool]:
+    """(adds per second, exact) of `processes` workers on one arena counter."""
+    from ._arena import Arena
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
+        path = os.path.join(tmp, "arena")
+        with Arena.create(path, capacity=4) as arena:
+            counter = arena.counter("throughput")
+            start = ctx.Event()
+            results = ctx.Array("q", processes)
+            procs = [ctx.Process(target=_throughput_worker,
+                                 args=(path, seconds, start, results, i))
+                     for i in range(processes)]
+            for p in procs:
+                p.start()
+            time.sleep(0.2)
+            start.set()
+            for p in procs:
+                p.join()
+            total = sum(results)
+            return total / seconds, counter.value() == total
+
+
+def bench_counters(quick: bool = False) -> dict:
+    """counter.add(1) beside the call floor and what a user would otherwise use."""
+    from ._arena import Arena
+
+    local = _core.PerCpuCounter()
+    lock = threading.Lock()
+    box = [0]
+
+    def locked_int_add(n=1):
+        with lock:
+            box[0] += n
+
+    value = multiprocessing.Value("q", 0)
+
+    def mp_value_add(n=1):
+        with value.get_lock():
+            value.value += n
+
+    cases: dict[str, Callable[[], object]] = {}
+    floor_get = {}.get
+    rounds = 5 if quick else 15
+    seconds = 0.01 if quick else 0.03
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
+        with Arena.create(os.path.join(tmp, "arena"), capacity=4) as arena:
+            shared = arena.counter("bench")
+            # Each is called as a user would, with one argument where it takes
+            # one; the lock-based ones are the smallest function a user would
+            # write around them.
+            cases = {
+                "{}.get(1) [floor]": (floor_get, "f(1)"),
+                "PerCpuCounter.add(1)": (local.add, "f(1)"),
+                "ArenaCounter.add(1)": (shared.add, "f(1)"),
+                "threading.Lock + int": (locked_int_add, "f(1)"),
+                "multiprocessing.Value + lock": (mp_value_add, "f(1)"),
+            }
+            try:
+                import atomics
+                atomic = atomics.atomic(width=8, atype=atomics.INT)
+                cases["atomics.INT.inc()"] = atomic.inc
+            except ImportError:
+                notes.append("atomics not installed (pip install atomics) to compare")
+            ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
+    prom = _prometheus_multiprocess_inc(rounds, seconds)
+    if prom is None:
+        notes.append("prometheus_client not installed (pip install prometheus_client) to compare")
+    else:
+        ns["prometheus multiprocess Counter.inc()"] = prom
+        notes.append("prometheus_client measured in a child process (its multiprocess mode "
+                     "must be configured before import)")
+    floor = ns["{}.get(1) [floor]"]
+    ratios = {name: v / floor for name, v in ns.items()}
+
+    tp_seconds = 0.5 if quick else 2.0
+    one, exact_one = arena_throughput(1, tp_seconds)
+    two, exact_two = arena_throughput(2, tp_seconds)
+    iterations = 2_000_000 if quick else 20_000_000
+    c_level = {}
+    for label, kind, threads in (("rseq add, 1 thread", "rseq_add", 1),
+                                 ("atomic fetch-add, 1 thread", "atomic_add", 1),
+                                 ("rseq add, 2 threads (per CPU)", "rseq_add", 2),
+                                 ("atomic fetch-add, 2 threads (one word)", "atomic_add", 2),
+                                 ("cpu_id read", "cpu_read", 1)):
+        c_level[label] = statistics.median(
+            _core._bench_c(kind, threads, iterations) for _ in range(3 if quick else 7))
+
+    add = ns["PerCpuCounter.add(1)"]
+    targets = {
+        "PerCpuCounter.add(1) within 1.25x of {}.get(1)": {
+            "value": add / floor, "limit": 1.25, "ok": add / floor <= 1.25},
+        "ArenaCounter.add(1) within 1.25x of {}.get(1)": {
+            "value": ns["ArenaCounter.add(1)"] / floor, "limit": 1.25,
+            "ok": ns["ArenaCounter.add(1)"] / floor <= 1.25},
+        "at least 20x faster than multiprocessing.Value": {
+            "value": ns["multiprocessing.Value + lock"] / add, "limit": 20.0,
+            "ok": ns["multiprocessing.Value + lock"] / add >= 20.0, "higher_is_better": True},
+        "2 processes at least 1.9x the throughput of 1": {
+            "value": two / one, "limit": 1.9, "ok": two / one >= 1.9,
+            "higher_is_better": True},
+        "C-level add at or under 1.5 ns (2 threads)": {
+            "value": c_level["rseq add, 2 threads (per CPU)"], "limit": 1.5,
+            "ok": c_level["rseq add, 2 threads (per CPU)"] <= 1.5, "unit": "ns"},
+    }
+    return {"title": "counters: add(1)", "unit": "ns/call", "rounds": rounds, "ns": ns,
+            "ratio_to_floor": ratios, "floor": "{}.get(1) [floor]",
+            "throughput": {"1 process (adds/s)": one, "2 processes (adds/s)": two,
+                           "ratio": two / one, "exact": exact_one and exact_two},
+            "c_level_ns": c_level, "targets": targets, "notes": notes}
+
+
+SECTIONS: dict[str, Callable[..., dict]] = {"reads": bench_reads, "counters": bench_counters}
+
+
+def plot(results: dict, path: str) -> None:
+    """A bar chart per section (log scale), written to `path` (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 3.2 * len(results)), squeeze=False)
+    for ax, (name, result) in zip(axes[:, 0], results.items()):
+        labels = list(result["ns"])
+        values = [result["ns"][k] for k in labels]
+        colors = ["#888888" if k == result["floor"] else
+                  "#1f77b4" if k.startswith(("rseq", "PerCpu", "Arena")) else "#d62728"
+                  for k in labels]
+        ax.barh(labels, values, color=colors)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{result['unit']} (log scale; grey: call floor, blue: rseq)")
+        ax.set_title(result["title"])
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:,.0f}" if v >= 100 else f" {v:.1f}", va="center", fontsize=8)
+        ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def format_section(result: dict) -> str:
@@ -95,9 +292,19 @@ def format_section(result: dict) -> str:
     width = max(len(n) for n in result["ns"]) + 2
     for name, value in result["ns"].items():
         lines.append(f"  {name:<{width}} {value:>10.1f}   {result['ratio_to_floor'][name]:>7.2f}x")
+    if "throughput" in result:
+        tp = result["throughput"]
+        lines.append(f"  arena throughput: 1 process {tp['1 process (adds/s)'] / 1e6:.1f} M adds/s, "
+                     f"2 processes {tp['2 processes (adds/s)'] / 1e6:.1f} M adds/s "
+                     f"({tp['ratio']:.2f}x; totals {'exact' if tp['exact'] else 'WRONG'})")
+    if "c_level_ns" in result:
+        lines.append("  C level, ns per operation per thread:")
+        for label, v in result["c_level_ns"].items():
+            lines.append(f"    {label:<40} {v:>6.2f}")
     for label, t in result["targets"].items():
+        unit = t.get("unit", "x")
         lines.append(f"  target: {label}: {'PASS' if t['ok'] else 'MISS'} "
-                     f"({t['value']:.2f}x, limit {t['limit']:g}x)")
+                     f"({t['value']:.2f}{unit}, limit {t['limit']:g}{unit})")
     for note in result.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
