@@ -1,0 +1,115 @@
+"""The command line: ``python -m rseq``, ``info [--json]``, ``bench --json``
+and its error handling (one line, exit status 2)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+import rseq
+from helpers.subproc import OWN_REGISTRATION, run_json, run_rseq_cli
+
+INFO_FIELDS = [f.name for f in dataclasses.fields(rseq.Info)]
+
+
+def test_info_json_keys_are_the_info_fields(glibc_mode):
+    proc = run_rseq_cli("info", "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert list(got) == INFO_FIELDS
+    mine = rseq.info().as_dict()
+    # Another process: only the thread's address differs.
+    assert got.pop("area_address") > 0
+    mine.pop("area_address")
+    mine["fields"] = list(mine["fields"])
+    assert got == mine
+
+
+def test_info_json_own_registration():
+    proc = run_rseq_cli("info", "--json", env=OWN_REGISTRATION)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert list(got) == INFO_FIELDS
+    assert got["owner"] == got["process_owner"] == "rseq"
+    assert "mm_cid" in got["fields"] or got["feature_size"] < 28
+
+
+def test_info_text(glibc_mode):
+    proc = run_rseq_cli("info")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "rseq: restartable sequences on this machine"
+    labels = [line.split()[0] for line in lines[1:]]
+    assert labels == ["kernel", "process", "this", "usable", "not", "fallback",
+                      "possible", "time", "per-CPU", "signature", "now"]
+    assert "registered by glibc: 32-byte area at 0x" in proc.stdout
+    assert "usable fields   cpu_id_start cpu_id rseq_cs flags\n" in proc.stdout
+    assert "mm_cid unsupported" in lines[-1]
+    assert f"signature       {0x53053053:#010x}" in proc.stdout
+
+
+def test_info_text_on_the_fallback_path():
+    """The report must still print when rseq is denied (no area at all)."""
+    proc_out = run_json("""
+        import contextlib, errno, io, json
+        from helpers import seccomp
+        seccomp.deny_rseq(errno.EPERM)
+        from rseq._cli import main
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            status = main(["info"])
+        print(json.dumps([status, text.getvalue()]))
+    """, env=OWN_REGISTRATION)
+    status, text = proc_out
+    assert status == 0
+    assert "this thread     none (fallback path in use)" in text
+    assert "fallback        EPERM: rseq is denied" in text
+    assert "usable fields   -" in text
+    assert "mm_cid unsupported" in text
+
+
+def test_default_run_prints_report_and_speed_check():
+    proc = run_rseq_cli()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("rseq: restartable sequences on this machine\n")
+    assert "\nspeed check" in proc.stdout
+    assert "rseq.cpu()" in proc.stdout.split("speed check", 1)[1]
+    assert "target: rseq.cpu() within" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_bench_json_structure():
+    proc = run_rseq_cli("bench", "--json", "--quick", "--section", "reads")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert list(result) == ["reads"]
+    reads = result["reads"]
+    assert {"title", "unit", "rounds", "ns", "ratio_to_floor", "floor",
+            "targets"} <= set(reads)
+    assert reads["unit"] == "ns/call" and reads["rounds"] >= 1
+    ns = reads["ns"]
+    assert {"rseq.cpu()", reads["floor"]} <= set(ns)
+    assert all(isinstance(v, float) and 0 < v < 1e7 for v in ns.values())
+    assert set(reads["ratio_to_floor"]) == set(ns)
+    assert math.isclose(reads["ratio_to_floor"][reads["floor"]], 1.0)
+    for name, value in ns.items():
+        assert math.isclose(reads["ratio_to_floor"][name], value / ns[reads["floor"]])
+    for target in reads["targets"].values():
+        assert set(target) == {"value", "limit", "ok"}
+        assert isinstance(target["ok"], bool)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["bench", "--section", "nope"], "invalid choice: 'nope'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["info", "--bogus"], "unrecognized arguments: --bogus"),
+    (["inspect"], "the following arguments are required: pid"),
+])
+def test_usage_errors_are_one_line(argv, fragment):
+    proc = run_rseq_cli(*argv)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
