@@ -17,6 +17,7 @@
  * never-executed ud1 instruction just before each abort handler. */
 #define RSEQ_SIG 0x53053053
 #define RSEQ_ARCH_HAS_CS 1
+#define RSEQ_ARCH_PERCPU_HEADER "arch/percpu_x86_64.h"
 #define RSEQ_ARCH_NAME "x86_64"
 
 static inline void *rseq_arch_thread_pointer(void)
