@@ -85,7 +85,7 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
         raise InspectError(f"no such process: {pid}") from None
     except PermissionError:
         raise InspectError(f"permission denied listing the threads of {pid}") from None
-    threads = []
+    threads: list[ThreadRegistration] = []
     for tid in tids:
         name = _thread_name(pid, tid)
         try:
