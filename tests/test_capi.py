@@ -135,6 +135,12 @@ def test_own_registration_through_the_c_api(capi_dir):
         capi_ext.watch_thread_exit(rseq.info().registered_size)
     for i in range(200):
         t = threading.Thread(target=work, args=(i % 2 == 0,)); t.start(); t.join()
+    # join() returns before the OS thread has run its key destructors:
+    # give the last one a moment.
+    import time
+    deadline = time.monotonic() + 5
+    while capi_ext.exit_report()["checked"] < 200 and time.monotonic() < deadline:
+        time.sleep(0.001)
     out["exits"] = capi_ext.exit_report()
     """), env=OWN_REGISTRATION)
     area, address, size, usable, owner = got["area"]
