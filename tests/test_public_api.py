@@ -99,10 +99,9 @@ def test_stub_signatures_match_text_signatures():
     stub_functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     checked = 0
     for name, fn in stub_functions.items():
-        try:
-            signature = inspect.signature(getattr(_core, name))
-        except (ValueError, TypeError):
-            continue
+        if not getattr(getattr(_core, name), "__text_signature__", None):
+            continue    # 3.13 invents "(object, /)" for METH_O without one
+        signature = inspect.signature(getattr(_core, name))
         stub_params = [a.arg for a in fn.args.posonlyargs + fn.args.args]
         assert list(signature.parameters) == stub_params, name
         checked += 1
