@@ -403,6 +403,7 @@ static PyMethodDef module_methods[] = {
     {"info_dict", py_info_dict, METH_NOARGS, info_dict_doc},
     {"rseq_syscall", py_rseq_syscall, METH_VARARGS, rseq_syscall_doc},
     {"_set_registration_count", py_set_refcount, METH_O,
+     "_set_registration_count($module, count, /)\n--\n\n"
      "Tests only: set the calling thread's reference count."},
     RSEQ_INSPECT_METHODS
     RSEQ_BENCH_METHODS
