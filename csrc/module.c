@@ -290,7 +290,8 @@ static PyObject *py_info_dict(PyObject *module, PyObject *Py_UNUSED(unused))
 
     if (dict_set(d, "kernel", PyBool_FromLong(p->kernel == 1)) < 0
         || dict_set(d, "kernel_probe", PyUnicode_FromString(
-               p->kernel == 1 ? "ok" : p->kernel == 0 ? "ENOSYS" : "EPERM")) < 0
+               p->probe_errno == ENOSYS ? "ENOSYS"
+               : p->probe_errno == EPERM ? "EPERM" : "ok")) < 0
         || dict_set(d, "feature_size", PyLong_FromUnsignedLong(p->feature_size)) < 0
         || dict_set(d, "alignment", PyLong_FromUnsignedLong(p->alignment)) < 0
         || dict_set(d, "owner", none_or_string(t->area ? rseq_owner_name(t->owner) : NULL)) < 0

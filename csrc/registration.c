@@ -75,6 +75,7 @@ static void process_discover(void)
      * does not (or a seccomp filter says so), EPERM under a denying filter. */
     int probe = rseq_syscall(NULL, 0, 0, 0);
     process.kernel = probe == -ENOSYS ? 0 : probe == -EPERM ? -1 : 1;
+    process.probe_errno = -probe;
 
     const ptrdiff_t *g_offset = dlsym(RTLD_DEFAULT, "__rseq_offset");
     const unsigned int *g_size = dlsym(RTLD_DEFAULT, "__rseq_size");
@@ -96,6 +97,14 @@ static void process_discover(void)
         process.owner_flags = l_flags ? *l_flags : 0;
     } else {
         process.owner = RSEQ_OWNER_SELF;
+    }
+    /* A seccomp filter installed after glibc registered this thread denies
+     * the probe, yet the kernel maintains glibc's area: rseq(2) exists. */
+    if (process.kernel != 1 && process.owner != RSEQ_OWNER_SELF) {
+        const struct rseq_abi *area = (const struct rseq_abi *)
+            ((char *)rseq_arch_thread_pointer() + process.owner_offset);
+        if ((int32_t)__atomic_load_n(&area->cpu_id, __ATOMIC_RELAXED) >= 0)
+            process.kernel = 1;
     }
 
     /* Our own registration: max(32, feature size), aligned to

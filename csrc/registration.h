@@ -44,6 +44,7 @@ enum rseq_fallback {
 /* Facts about the process, discovered once. */
 struct rseq_process {
     int kernel;                 /* 1: rseq(2) exists; 0: ENOSYS; -1: denied (EPERM) */
+    int probe_errno;            /* what rseq(NULL, 0, 0, 0) answered (EINVAL: present) */
     unsigned long feature_size; /* getauxval(AT_RSEQ_FEATURE_SIZE), 0 before 6.3 */
     unsigned long alignment;    /* getauxval(AT_RSEQ_ALIGN), 0 before 6.3 */
     enum rseq_owner owner;      /* glibc, librseq, or self */

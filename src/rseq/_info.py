@@ -14,7 +14,8 @@ class Info:
     Every field is also a key of ``python -m rseq info --json``.
     """
 
-    #: The kernel has the rseq system call.
+    #: The kernel has the rseq system call (also when a seccomp filter denies
+    #: it after glibc registered this thread: see ``kernel_probe``).
     kernel: bool
     #: How the kernel probe ``rseq(NULL, 0, 0, 0)`` answered: "ok", "ENOSYS"
     #: (no rseq, or a seccomp filter says so) or "EPERM" (denied).
