@@ -18,7 +18,9 @@ HEADERS = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializers",
           "-fno-strict-aliasing", "-fvisibility=hidden"]
 PER_CPU_SOURCES = ["csrc/counter.c", "csrc/arena.c", "csrc/cpus.c"]
-CORE_SOURCES = sorted(set(glob.glob("csrc/*.c")) - {"csrc/inject_module.c"})
+# The test build's own files stay out of the release module.
+CORE_SOURCES = sorted(set(glob.glob("csrc/*.c"))
+                      - {"csrc/inject_module.c", "csrc/primitive_workers.c"})
 
 
 def extension(name, sources, macros):
@@ -29,6 +31,7 @@ def extension(name, sources, macros):
 
 setup(ext_modules=[
     extension("rseq._core", CORE_SOURCES, []),
-    extension("rseq._inject", PER_CPU_SOURCES + ["csrc/inject_module.c"],
+    extension("rseq._inject", PER_CPU_SOURCES + ["csrc/inject_module.c",
+                                                  "csrc/primitive_workers.c"],
               [("RSEQ_INJECT", "1"), ("RSEQ_CAPI_CLIENT", "1")]),
 ])

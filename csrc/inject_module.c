@@ -16,6 +16,7 @@
 #include "core.h"
 #include "counter_type.h"
 #include "inject.h"
+#include "primitive_workers.h"
 #include "rseq/capi.h"
 
 RSEQ_INJECT_DEFINE_GLOBALS
@@ -95,6 +96,7 @@ static PyMethodDef module_methods[] = {
      "MODE_SIGNAL (raise `signal`, default SIGUSR1: install a handler first)."},
     {"aborts", py_aborts, METH_NOARGS, "aborts()\n--\n\nAborted sequences seen so far."},
     {"reset", py_reset, METH_NOARGS, "reset()\n--\n\nAll points off, counts zero."},
+    RSEQ_PRIMITIVE_METHODS
     {NULL, NULL, 0, NULL},
 };
 
@@ -114,7 +116,8 @@ static int module_exec(PyObject *module)
     TAKE(ArenaError) TAKE(ArenaFormatError) TAKE(ArenaFullError)
 #undef TAKE
     Py_DECREF(core);
-    if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
+    if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0
+        || rseq_primitive_add_constants(module) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "POINTS", RSEQ_INJECT_POINTS) < 0
         || PyModule_AddIntConstant(module, "MODE_YIELD", RSEQ_INJECT_MODE_YIELD) < 0
