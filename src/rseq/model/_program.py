@@ -131,14 +131,19 @@ class Context:
     data: tuple = ()  # ((name, value), ...)
     query_offsets: bool = False  # ktls-2020: offsets come from a query
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_offsets", dict(self.offsets))
+        object.__setattr__(self, "_sections", dict(self.sections))
+        object.__setattr__(self, "_data", dict(self.data))
+
     def field(self, name: str) -> int:
-        return self.area + dict(self.offsets)[name]
+        return self.area + self._offsets[name]
 
     def cs(self, name: str) -> CriticalSection:
-        return dict(self.sections)[name]
+        return self._sections[name]
 
     def get(self, name: str) -> Any:
-        return dict(self.data)[name]
+        return self._data[name]
 
 
 def rseq_field(ctx: Context, name: str) -> Program:

@@ -1,0 +1,420 @@
+"""The interleaving explorer: exhaustive depth-first search bounded by the
+number of preemptions, migrations and signals, with state hashing; a random
+mode whose one seed replays exactly; and the replay of an explicit schedule
+into a trace a kernel or library developer can read."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._machine import Machine
+
+DEFAULT_MAX_DEPTH = 400
+DEFAULT_MAX_STATES = 2_000_000
+
+
+@dataclass
+class Result:
+    """What one check found.  ``holds`` is whether the property held in every
+    execution covered; ``schedule`` (with ``trace``) is the shortest
+    violating schedule found, replayable with :func:`replay`."""
+
+    scenario: str
+    variant: str
+    mode: str  # "exhaustive", "random" or "replay"
+    holds: bool
+    expected: str  # "holds" or "violated"
+    violation: str | None = None
+    trace: list[str] = field(default_factory=list)
+    schedule: list[str] = field(default_factory=list)
+    states: int = 0
+    transitions: int = 0
+    terminal_states: int = 0
+    runs: int = 0
+    depth_limited: int = 0
+    complete: bool = True  # False when max_states stopped the search
+    elapsed: float = 0.0
+    bounds: dict[str, int] = field(default_factory=dict)
+    seed: int | None = None
+
+    @property
+    def as_expected(self) -> bool:
+        return (self.expected == "holds") == self.holds
+
+    @property
+    def states_per_second(self) -> float:
+        return self.states / self.elapsed if self.elapsed > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["as_expected"] = self.as_expected
+        d["states_per_second"] = round(self.states_per_second, 1) if self.elapsed > 0 else None
+        d["elapsed"] = round(self.elapsed, 4)
+        return d
+
+    def report(self) -> str:
+        b = ", ".join(f"{k} {v}" for k, v in self.bounds.items())
+        lines = [f"scenario {self.scenario} under {self.variant} ({self.mode}; bounds: {b})"]
+        if self.seed is not None:
+            lines[0] += f" seed {self.seed}"
+        if self.holds:
+            lines.append("property HOLDS in every execution covered")
+        else:
+            lines.append(f"property VIOLATED: {self.violation}")
+        expect = "as expected" if self.as_expected else f"NOT as expected (expected: {self.expected})"
+        lines.append(f"outcome {expect}")
+        cover = f"covered {self.states} states, {self.transitions} transitions, {self.terminal_states} complete executions"
+        if self.runs:
+            cover += f", {self.runs} runs"
+        lines.append(cover + f" in {self.elapsed:.2f} s ({self.states_per_second:,.0f} states/s)")
+        if self.depth_limited:
+            lines.append(f"note: {self.depth_limited} executions stopped at the depth bound")
+        if not self.complete:
+            lines.append("note: the state limit stopped the search; coverage is partial")
+        if not self.holds:
+            lines.append("")
+            lines.append(f"shortest trace found ({len(self.schedule)} moves):")
+            lines.extend("  " + line for line in self.trace)
+            lines.append("")
+            lines.append("replay with: --schedule '" + ",".join(self.schedule) + "'")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ moves
+
+
+def move_name(m: Machine, move: tuple) -> str:
+    kind = move[0]
+    if kind == "step":
+        return f"step T{move[1]}"
+    if kind == "choose":
+        return f"choose T{move[1]} {move[2]}"
+    if kind == "schedule":
+        return f"schedule cpu{move[1]} T{move[2]}"
+    if kind == "preempt":
+        return f"preempt cpu{move[1]}" + (f" T{move[2]}" if move[2] is not None else "")
+    if kind == "migrate":
+        return f"migrate T{move[1]} cpu{move[2]}"
+    if kind == "signal":
+        return f"signal T{move[1]}"
+    raise ValueError(move)
+
+
+def parse_move(text: str) -> tuple:
+    words = text.split()
+    if not words:
+        raise ValueError("empty move")
+
+    def tid(w: str) -> int:
+        if not w.startswith("T"):
+            raise ValueError(f"expected a thread like T1, got {w!r}")
+        return int(w[1:])
+
+    def cpu(w: str) -> int:
+        if not w.startswith("cpu"):
+            raise ValueError(f"expected a CPU like cpu0, got {w!r}")
+        return int(w[3:])
+
+    kind = words[0]
+    try:
+        if kind == "step" and len(words) == 2:
+            return ("step", tid(words[1]))
+        if kind == "choose" and len(words) == 3:
+            return ("choose", tid(words[1]), int(words[2]))
+        if kind == "schedule" and len(words) == 3:
+            return ("schedule", cpu(words[1]), tid(words[2]))
+        if kind == "preempt" and len(words) in (2, 3):
+            return ("preempt", cpu(words[1]), tid(words[2]) if len(words) == 3 else None)
+        if kind == "migrate" and len(words) == 3:
+            return ("migrate", tid(words[1]), cpu(words[2]))
+        if kind == "signal" and len(words) == 2:
+            return ("signal", tid(words[1]))
+    except ValueError as e:
+        raise ValueError(f"bad move {text!r}: {e}") from None
+    raise ValueError(f"bad move {text!r}")
+
+
+# ------------------------------------------------------------------ checking
+
+
+def _check(scenario, m: Machine, info) -> str | None:
+    if m.killed is not None:
+        return None if scenario.allows_kill else m.killed
+    if scenario.check_step is not None:
+        msg = scenario.check_step(m, info)
+        if msg:
+            return msg
+    if m.finished and scenario.check_final is not None:
+        return scenario.check_final(m)
+    return None
+
+
+def _bounds(scenario, preemptions, migrations, signals) -> dict[str, int]:
+    b = dict(scenario.bounds)
+    if preemptions is not None:
+        b["preemptions"] = preemptions
+    if migrations is not None:
+        b["migrations"] = migrations
+    if signals is not None:
+        b["signals"] = signals
+    return b
+
+
+def _resolve(scenario, variant):
+    from ._scenarios import SCENARIOS
+
+    if isinstance(scenario, str):
+        if scenario not in SCENARIOS:
+            raise KeyError(f"unknown scenario {scenario!r}")
+        scenario = SCENARIOS[scenario]
+    variant = variant or scenario.default_variant
+    if variant not in scenario.variants:
+        raise ValueError(
+            f"scenario {scenario.name} does not run under {variant}; it runs under {', '.join(scenario.variants)}"
+        )
+    return scenario, variant
+
+
+# ------------------------------------------------------------------ search
+
+
+def explore(
+    scenario,
+    variant: str | None = None,
+    *,
+    preemptions: int | None = None,
+    migrations: int | None = None,
+    signals: int | None = None,
+    seed: int | None = None,
+    runs: int = 2000,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    max_states: int = DEFAULT_MAX_STATES,
+    stop_at_first: bool = False,
+) -> Result:
+    """Check ``scenario`` under ``variant``.  Exhaustive depth-first search
+    within the bounds; with ``seed``, ``runs`` random executions instead
+    (see :func:`random_walk`)."""
+    if seed is not None:
+        return random_walk(
+            scenario, variant, seed=seed, runs=runs, preemptions=preemptions,
+            migrations=migrations, signals=signals, max_depth=max_depth,
+        )
+    scenario, variant = _resolve(scenario, variant)
+    bounds = _bounds(scenario, preemptions, migrations, signals)
+    limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
+    use_signals = bounds["signals"] > 0
+    started = time.perf_counter()
+
+    m = scenario.build(variant)
+    root = m.snapshot()
+    root_key = m.key()
+    parent: dict[Any, tuple] = {root_key: None}
+    stack = [(root, root_key, 0)]
+    transitions = terminal = depth_limited = 0
+    best: tuple[list[tuple], str] | None = None
+    complete = True
+
+    def path_to(key) -> list[tuple]:
+        path = []
+        while parent[key] is not None:
+            key, move = parent[key]
+            path.append(move)
+        path.reverse()
+        return path
+
+    while stack:
+        snap, key, depth = stack.pop()
+        m.restore(snap)
+        moves = m.choices(limits, use_signals)
+        if not moves:
+            terminal += 1
+            continue
+        if depth >= max_depth:
+            depth_limited += 1
+            continue
+        if best is not None and depth + 1 >= len(best[0]):
+            continue  # cannot lead to a shorter trace
+        first = True
+        for move in moves:
+            if not first:
+                m.restore(snap)
+            first = False
+            info = m.apply(move)
+            transitions += 1
+            msg = _check(scenario, m, info)
+            if msg is not None:
+                path = path_to(key) + [move]
+                if best is None or len(path) < len(best[0]):
+                    best = (path, msg)
+                if stop_at_first:
+                    stack.clear()
+                    break
+                continue
+            child = m.key()
+            if child in parent:
+                continue
+            parent[child] = (key, move)
+            if len(parent) >= max_states:
+                complete = False
+                stack.clear()
+                break
+            stack.append((m.snapshot(), child, depth + 1))
+
+    elapsed = time.perf_counter() - started
+    result = Result(
+        scenario=scenario.name,
+        variant=variant,
+        mode="exhaustive",
+        holds=best is None,
+        expected=scenario.expected(variant),
+        states=len(parent),
+        transitions=transitions,
+        terminal_states=terminal,
+        depth_limited=depth_limited,
+        complete=complete,
+        elapsed=elapsed,
+        bounds=bounds,
+    )
+    if best is not None:
+        _attach_trace(result, scenario, variant, best[0], bounds)
+    return result
+
+
+def random_walk(
+    scenario,
+    variant: str | None = None,
+    *,
+    seed: int = 0,
+    runs: int = 2000,
+    preemptions: int | None = None,
+    migrations: int | None = None,
+    signals: int | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+) -> Result:
+    """``runs`` random executions, every choice drawn from one
+    ``random.Random(seed)``: the same seed replays the same executions.
+    Stops at the first violation."""
+    scenario, variant = _resolve(scenario, variant)
+    bounds = _bounds(scenario, preemptions, migrations, signals)
+    limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
+    use_signals = bounds["signals"] > 0
+    rng = random.Random(seed)
+    started = time.perf_counter()
+    seen: set = set()
+    transitions = terminal = depth_limited = 0
+    failing: tuple[list[tuple], str] | None = None
+    done = 0
+    m = scenario.build(variant)
+    root = m.snapshot()
+    for _ in range(runs):
+        done += 1
+        m.restore(root)
+        path: list[tuple] = []
+        while True:
+            moves = m.choices(limits, use_signals)
+            if not moves:
+                terminal += 1
+                break
+            if len(path) >= max_depth:
+                depth_limited += 1
+                break
+            move = moves[rng.randrange(len(moves))]
+            path.append(move)
+            info = m.apply(move)
+            transitions += 1
+            msg = _check(scenario, m, info)
+            seen.add(m.key())
+            if msg is not None:
+                failing = (path, msg)
+                break
+        if failing is not None:
+            break
+    elapsed = time.perf_counter() - started
+    result = Result(
+        scenario=scenario.name,
+        variant=variant,
+        mode="random",
+        holds=failing is None,
+        expected=scenario.expected(variant),
+        states=len(seen),
+        transitions=transitions,
+        terminal_states=terminal,
+        runs=done,
+        depth_limited=depth_limited,
+        elapsed=elapsed,
+        bounds=bounds,
+        seed=seed,
+    )
+    if failing is not None:
+        _attach_trace(result, scenario, variant, failing[0], bounds)
+    return result
+
+
+def _run_schedule(scenario, variant: str, moves: list[tuple], bounds: dict[str, int]):
+    m = scenario.build(variant)
+    m.log = []
+    lines: list[str] = []
+    limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
+    msg = None
+    for i, move in enumerate(moves):
+        if move not in m.choices(limits, bounds["signals"] > 0):
+            raise ValueError(f"move {i + 1} '{move_name(m, move)}' is not possible here")
+        m.log = []
+        info = m.apply(move)
+        lines.extend(m.log)
+        msg = _check(scenario, m, info)
+        if msg is not None:
+            lines.append(f"VIOLATION: {msg}")
+            break
+    return m, lines, msg
+
+
+def _attach_trace(result: Result, scenario, variant, moves, bounds) -> None:
+    m, lines, msg = _run_schedule(scenario, variant, moves, bounds)
+    result.trace = lines
+    result.schedule = [move_name(m, mv) for mv in moves]
+    if msg is not None:
+        result.violation = msg
+
+
+def replay(
+    scenario,
+    schedule: list[str] | str,
+    variant: str | None = None,
+    *,
+    preemptions: int | None = None,
+    migrations: int | None = None,
+    signals: int | None = None,
+) -> Result:
+    """Run one explicit schedule (move names as printed in a trace) and
+    return its trace; ``holds`` is False if the schedule violates."""
+    scenario, variant = _resolve(scenario, variant)
+    if isinstance(schedule, str):
+        schedule = [s for s in (p.strip() for p in schedule.split(",")) if s]
+    moves = [parse_move(s) for s in schedule]
+    bounds = _bounds(scenario, preemptions, migrations, signals)
+    # an explicit schedule may use more than the default bounds
+    bounds = {
+        "preemptions": max(bounds["preemptions"], sum(mv[0] == "preempt" for mv in moves)),
+        "migrations": max(bounds["migrations"], sum(mv[0] == "migrate" for mv in moves)),
+        "signals": max(bounds["signals"], sum(mv[0] == "signal" for mv in moves)),
+    }
+    started = time.perf_counter()
+    m, lines, msg = _run_schedule(scenario, variant, moves, bounds)
+    return Result(
+        scenario=scenario.name,
+        variant=variant,
+        mode="replay",
+        holds=msg is None,
+        expected=scenario.expected(variant),
+        violation=msg,
+        trace=lines,
+        schedule=[move_name(m, mv) for mv in moves],
+        states=len(moves) + 1,
+        transitions=len(moves),
+        elapsed=time.perf_counter() - started,
+        bounds=bounds,
+    )

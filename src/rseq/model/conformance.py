@@ -1,0 +1,2 @@
+CASES = []
+def conformance(*a, **k): raise NotImplementedError
