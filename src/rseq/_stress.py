@@ -6,7 +6,7 @@ critical section is widened and the workers are disturbed, then checks the
 exact expected total:
 
   structure   PerCpuCounter (threads) and ArenaCounter (threads, processes),
-              and each per-CPU primitive (see PRIMITIVES)
+              and each per-CPU primitive (rseq._inject.PRIMITIVES)
   point       the numbered injection points of inject.h
   action      yield / sleep at the C points, or a signal storm
   index       cpu_id, and mm_cid where the registration covers it (the mm_cid
@@ -36,7 +36,20 @@ import time
 from typing import Callable, Optional
 
 ACTIONS = ("yield", "signal", "sleep")
-COUNTER_POINTS = (1, 2, 3, 4, 7)
+# Injection points (inject.h) that each structure passes through: 1-4 inside
+# every sequence, 5 inside the memcpy copy loop, 7 between reading the index
+# and the sequence, 8 after the C read of a list head or expected value, 9
+# after an abort.
+COUNTER_POINTS = (1, 2, 3, 4, 7, 9)
+PRIMITIVE_POINTS = {
+    "cbne": (1, 2, 3, 4, 7, 8, 9),
+    "add": (1, 2, 3, 4, 7, 9),
+    "bov": (1, 2, 3, 4, 7, 9),
+    "list": (1, 2, 3, 4, 7, 8, 9),
+    "store_store": (1, 2, 3, 4, 7, 8, 9),
+    "memcpy": (1, 2, 3, 4, 5, 7, 8, 9),
+}
+QUICK_POINTS = (3, 4, 7)
 
 
 @dataclasses.dataclass
@@ -255,7 +268,7 @@ def _arena_counter(inject, arena, key: str):
 
 def primitive_names() -> tuple[str, ...]:
     from . import _inject
-    return tuple(getattr(_inject, "PRIMITIVES", ()))
+    return tuple(_inject.PRIMITIVES)
 
 
 def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
@@ -444,12 +457,18 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
 
 def matrix(quick: bool, index_modes: tuple[str, ...]):
     """(kind, parameters) of every case: counters, then primitives."""
-    points = COUNTER_POINTS if not quick else (3, 4, 7)
+    points = QUICK_POINTS if quick else COUNTER_POINTS
     for structure, point, action, index, workers in itertools.product(
             ("counter", "arena"), points, ACTIONS, index_modes, ("threads", "processes")):
+        if structure == "counter" and workers == "processes":
+            continue  # an in-process counter is not shared between processes
         yield "counter", dict(structure=structure, point=point, action=action, index=index,
                               workers=workers)
     for primitive in primitive_names():
+        all_points = PRIMITIVE_POINTS.get(primitive, COUNTER_POINTS)
+        # The quick slice keeps the points special to a primitive (5, 8).
+        points = (tuple(p for p in all_points if p in QUICK_POINTS or p in (5, 8))
+                  if quick else all_points)
         for point, action, index, workers in itertools.product(
                 points, ACTIONS, index_modes, ("threads", "processes")):
             yield "primitive", dict(primitive=primitive, point=point, action=action,
