@@ -22,6 +22,27 @@ typedef struct {
     X(RseqError) X(Unsupported) X(RegistrationError) X(NotOwnedWarning) \
     X(ArenaError) X(ArenaFormatError) X(ArenaFullError) X(ArenaCounter_type)
 
+/* GC support of the module state, shared by rseq._core and rseq._inject. */
+static inline int rseq_state_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    rseq_module_state *st = PyModule_GetState(module);
+#define RSEQ_VISIT(name) Py_VISIT(st->name);
+    RSEQ_STATE_MEMBERS(RSEQ_VISIT)
+#undef RSEQ_VISIT
+    return 0;
+}
+
+static inline int rseq_state_clear(PyObject *module)
+{
+    rseq_module_state *st = PyModule_GetState(module);
+#define RSEQ_CLEAR(name) Py_CLEAR(st->name);
+    RSEQ_STATE_MEMBERS(RSEQ_CLEAR)
+#undef RSEQ_CLEAR
+    return 0;
+}
+
+static inline void rseq_state_free(void *module) { rseq_state_clear((PyObject *)module); }
+
 /* "EINVAL" for EINVAL; "errno 123" for a value without a name here. */
 const char *errno_name(int err);
 

@@ -45,19 +45,6 @@ static inline int64_t *counter_slot(const struct counter_slots *c, uint32_t cpu)
     return (int64_t *)(c->regions + (size_t)cpu * c->region_size + (size_t)c->index * 8);
 }
 
-/* Atomic add to the fallback lane: 0, or 1 if it would overflow. */
-static inline int counter_fallback_add(int64_t *lane, int64_t n)
-{
-    int64_t old = __atomic_load_n(lane, __ATOMIC_RELAXED);
-    int64_t sum;
-    do {
-        if (__builtin_add_overflow(old, n, &sum))
-            return 1;
-    } while (!__atomic_compare_exchange_n(lane, &old, sum, 1, __ATOMIC_RELAXED,
-                                          __ATOMIC_RELAXED));
-    return 0;
-}
-
 /* Add n: 0 done, 1 the slot would overflow (nothing added). */
 static inline int counter_add(const struct counter_slots *c, int64_t n)
 {
@@ -82,7 +69,8 @@ static inline int counter_add(const struct counter_slots *c, int64_t n)
         }
     }
 #endif
-    return counter_fallback_add(c->fallback, n);
+    /* The fallback lane: an atomic add that refuses to overflow. */
+    return rseq_fallback_load_add_bov_store((intptr_t *)c->fallback, n);
 }
 
 static inline __int128 counter_sum(const struct counter_slots *c)

@@ -496,25 +496,6 @@ static int module_exec(PyObject *module)
     return 0;
 }
 
-static int module_traverse(PyObject *module, visitproc visit, void *arg)
-{
-    rseq_module_state *st = get_state(module);
-#define VISIT(name) Py_VISIT(st->name);
-    RSEQ_STATE_MEMBERS(VISIT)
-#undef VISIT
-    return 0;
-}
-
-static int module_clear(PyObject *module)
-{
-    rseq_module_state *st = get_state(module);
-#define CLEAR(name) Py_CLEAR(st->name);
-    RSEQ_STATE_MEMBERS(CLEAR)
-#undef CLEAR
-    return 0;
-}
-
-static void module_free(void *module) { module_clear((PyObject *)module); }
 
 static PyModuleDef_Slot module_slots[] = {
     {Py_mod_exec, module_exec},
@@ -538,9 +519,9 @@ static struct PyModuleDef module_def = {
     .m_size = sizeof(rseq_module_state),
     .m_methods = module_methods,
     .m_slots = module_slots,
-    .m_traverse = module_traverse,
-    .m_clear = module_clear,
-    .m_free = module_free,
+    .m_traverse = rseq_state_traverse,
+    .m_clear = rseq_state_clear,
+    .m_free = rseq_state_free,
 };
 
 PyMODINIT_FUNC PyInit__core(void)

@@ -143,6 +143,37 @@ class Disturber:
             time.sleep(0.0002 if self.storm else 0.001)
 
 
+def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Disturber) -> int:
+    """Fork `nworkers` children running body(worker); returns their aborts.
+
+    The disturber starts after the last fork, so no child inherits it in the
+    middle of a call; each child reports its abort count through shared
+    memory before leaving without cleanup."""
+    from . import _inject
+    aborts = _SharedCounts(nworkers)
+    pids = []
+    for w in range(nworkers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                body(w)
+                aborts[w] = _inject.aborts()
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+        disturber.pids.append(pid)
+    disturber.start()
+    failures = 0
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        failures += os.waitstatus_to_exitcode(status) != 0
+    if failures:
+        raise RuntimeError(f"{failures} worker process(es) failed")
+    return aborts.total()
+
+
 def _configure_injection(inject, point: int, loops: int, action: str):
     inject.reset()
     inject.set_loops(point, loops)
@@ -204,6 +235,7 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
             arena = rseq.Arena.create(path, capacity=8)
             arena.counter("total")
             counter = _arena_counter(_inject, arena, "total")
+        child_aborts = 0
         if workers == "threads":
             disturber.start()
 
@@ -213,34 +245,15 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
                     add(1)
             _run_threads(nworkers, body, disturber)
         else:
-            pids = []
-            child_aborts = _SharedCounts(nworkers)
-            for w in range(nworkers):
-                pid = os.fork()
-                if pid == 0:  # child: add, then leave without cleanup
-                    code = 1
-                    try:
-                        child_counter = _arena_counter(_inject, rseq.Arena.open(path), "total")
-                        add = child_counter.add
-                        for i in range(reps):
-                            add(1)
-                        child_aborts[w] = _inject.aborts()
-                        code = 0
-                    finally:
-                        os._exit(code)
-                pids.append(pid)
-                disturber.pids.append(pid)
-            disturber.start()  # after forking: a child never inherits it mid-call
-            failures = 0
-            for pid in pids:
-                _, status = os.waitpid(pid, 0)
-                failures += os.waitstatus_to_exitcode(status) != 0
-            if failures:
-                raise RuntimeError(f"{failures} worker process(es) failed")
+            def child(worker):
+                add = _arena_counter(_inject, rseq.Arena.open(path), "total").add
+                for i in range(reps):
+                    add(1)
+            child_aborts = _run_processes(nworkers, child, disturber)
         disturber.stop()
         got = counter.value()
-        aborts = _inject.aborts() + (child_aborts.total() if workers == "processes" else 0)
-        return CaseResult(name, nworkers * reps, got, aborts, time.perf_counter() - start)
+        return CaseResult(name, nworkers * reps, got, _inject.aborts() + child_aborts,
+                          time.perf_counter() - start)
     finally:
         _inject.reset()
         signal.signal(signal.SIGUSR1, old_handler)
@@ -289,6 +302,7 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
         disturber = Disturber(storm=action == "signal", migrate=migrate)
         shared = mmap.mmap(-1, _inject.primitive_size(primitive, nworkers))
         _inject.primitive_init(primitive, shared, nworkers)
+        child_aborts = 0
         if workers == "threads":
             disturber.start()
             counter = itertools.count()
@@ -297,31 +311,13 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
                 _inject.primitive_run(primitive, shared, next(counter), reps, index)
             _run_threads(nworkers, body, disturber)
         else:
-            pids = []
-            child_aborts = _SharedCounts(nworkers)
-            for w in range(nworkers):
-                pid = os.fork()
-                if pid == 0:
-                    code = 1
-                    try:
-                        _inject.primitive_run(primitive, shared, w, reps, index)
-                        child_aborts[w] = _inject.aborts()
-                        code = 0
-                    finally:
-                        os._exit(code)
-                pids.append(pid)
-                disturber.pids.append(pid)
-            disturber.start()
-            failures = 0
-            for pid in pids:
-                _, status = os.waitpid(pid, 0)
-                failures += os.waitstatus_to_exitcode(status) != 0
-            if failures:
-                raise RuntimeError(f"{failures} worker process(es) failed")
+            child_aborts = _run_processes(
+                nworkers, lambda w: _inject.primitive_run(primitive, shared, w, reps, index),
+                disturber)
         disturber.stop()
         expected, got = _inject.primitive_check(primitive, shared, nworkers, reps)
-        aborts = _inject.aborts() + (child_aborts.total() if workers == "processes" else 0)
-        return CaseResult(name, expected, got, aborts, time.perf_counter() - start)
+        return CaseResult(name, expected, got, _inject.aborts() + child_aborts,
+                          time.perf_counter() - start)
     finally:
         _inject.reset()
         signal.signal(signal.SIGUSR1, old_handler)
