@@ -263,6 +263,10 @@ def explore(
                 break
             stack.append((m.snapshot(), child, depth + 1))
 
+    if best is not None and complete and len(parent) <= SHORTEST_SEARCH_STATES:
+        shorter = _shortest(scenario, variant, limits, use_signals, len(best[0]) - 1)
+        if shorter is not None:
+            best = shorter
     elapsed = time.perf_counter() - started
     result = Result(
         scenario=scenario.name,
@@ -281,6 +285,37 @@ def explore(
     if best is not None:
         _attach_trace(result, scenario, variant, best[0], bounds)
     return result
+
+
+SHORTEST_SEARCH_STATES = 300_000
+
+
+def _shortest(scenario, variant, limits, use_signals, max_moves):
+    """Breadth-first search for a violation in at most ``max_moves`` moves:
+    the first one found is a shortest one (within the reduced graph)."""
+    m = scenario.build(variant)
+    frontier = [(m.snapshot(), ())]
+    seen = {m.key()}
+    for _ in range(max_moves):
+        next_frontier = []
+        for snap, path in frontier:
+            m.restore(snap)
+            moves = m.choices(limits, use_signals)
+            for i, move in enumerate(moves):
+                if i:
+                    m.restore(snap)
+                info = m.apply(move)
+                msg = _check(scenario, m, info)
+                if msg is not None:
+                    return list(path) + [move], msg
+                key = m.key()
+                if key not in seen:
+                    seen.add(key)
+                    next_frontier.append((m.snapshot(), path + (move,)))
+        frontier = next_frontier
+        if not frontier:
+            break
+    return None
 
 
 def random_walk(

@@ -265,7 +265,9 @@ class Machine:
 
     def value(self, v) -> str:
         """A value for a trace: pointers to named objects by name."""
-        if isinstance(v, int) and v >= DATA_BASE:
+        if isinstance(v, int) and v >= TEXT_BASE:
+            if RODATA_BASE <= v < DATA_BASE and v in self.symbols:
+                return f"&{self.symbols[v]}"
             r = self.region_of(v)
             if r is not None and v == r.start:
                 return f"&{r.name}"
