@@ -390,6 +390,7 @@ def random_walk(
 
 def _run_schedule(scenario, variant: str, moves: list[tuple], bounds: dict[str, int]):
     m = scenario.build(variant)
+    m.reduce = False  # any schedule of the full machine may be replayed
     m.log = []
     lines: list[str] = []
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
