@@ -76,3 +76,15 @@ def test_result_json_round_trip():
     back = json.loads(text)
     assert back["holds"] is False and back["as_expected"] is True
     assert back["schedule"] and back["trace"]
+
+
+@pytest.mark.parametrize("name", ["counter", "counter-plain", "list-pop-rseq", "list-pop-cas",
+                                  "adaptive-mutex", "spin-mutex", "time-slice", "two-libs-no-refcount"])
+def test_reduction_keeps_the_verdict(name):
+    # the partial-order reduction and the pruning of invisible preemptions
+    # must not change what the explorer concludes
+    reduced = explore(name, preemptions=1, migrations=0)
+    full = explore(name, preemptions=1, migrations=0, reduce=False)
+    assert full.complete
+    assert reduced.holds == full.holds
+    assert reduced.states <= full.states

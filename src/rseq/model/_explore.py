@@ -193,10 +193,12 @@ def explore(
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_states: int = DEFAULT_MAX_STATES,
     stop_at_first: bool = False,
+    reduce: bool = True,
 ) -> Result:
     """Check ``scenario`` under ``variant``.  Exhaustive depth-first search
     within the bounds; with ``seed``, ``runs`` random executions instead
-    (see :func:`random_walk`)."""
+    (see :func:`random_walk`).  ``reduce=False`` turns the partial-order
+    reduction off (for cross-checking it)."""
     if seed is not None:
         return random_walk(
             scenario, variant, seed=seed, runs=runs, preemptions=preemptions,
@@ -209,6 +211,7 @@ def explore(
     started = time.perf_counter()
 
     m = scenario.build(variant)
+    m.reduce = reduce
     root = m.snapshot()
     root_key = m.key()
     parent: dict[Any, tuple] = {root_key: None}

@@ -469,6 +469,8 @@ class Machine:
         """A preemption by another process (the thread comes straight back
         on the same CPU) is only observable inside a critical section; the
         variant may say otherwise (slice grants, tamper checks)."""
+        if not self.reduce:
+            return True
         step = t.next_step
         return (step is not None and step.ip is not None) or self.variant.preempt_always_observable
 
