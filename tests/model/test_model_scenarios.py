@@ -113,3 +113,14 @@ def test_time_slice_grants_and_revocations_are_explored():
 def test_shortest_trace_is_not_longer_than_dfs_found():
     result = explore("spin-mutex")
     assert len(result.schedule) <= 10
+
+
+def test_time_slice_yield_and_expiry_both_happen():
+    from rseq.model import replay
+
+    head = ["step T1", "step T1"]
+    in_time = replay("time-slice", head + ["step T1", "preempt cpu0 T2"] + ["step T1"] * 5)
+    assert any("rseq_slice_yield()); the deferred" in line for line in in_time.trace), in_time.trace
+    expired = replay("time-slice", head + ["preempt cpu0 T2"] + ["step T1"] * 5)
+    assert any("grant timer expired" in line for line in expired.trace), expired.trace
+    assert in_time.holds and expired.holds

@@ -767,24 +767,30 @@ def _slice_check(m: Machine, info) -> str | None:
     return None
 
 
-_add(
-    Scenario(
-        name="time-slice",
-        title="a critical section under the 7.0 time-slice extension",
-        doc="T1 sets slice_ctrl.request around two short sections (the second makes a system "
-        "call) and calls rseq_slice_yield() when it was granted; T2 waits for the only CPU. "
-        "Properties: a grant is revoked by any system call, and never lasts longer than its bound.",
-        expect="holds",
-        setup=_slice_setup,
-        threads=lambda data: [ThreadSpec(slice_user, 0), ThreadSpec(bystander, None)],
-        check_step=_slice_check,
-        variants=("linux-7.0",),
-        default_variant="linux-7.0",
-        area_size=64,
-        ncpus=1,
-        bounds={"preemptions": 3, "migrations": 0, "signals": 0},
+for _revoke in (True, False):
+    _add(
+        Scenario(
+            name="time-slice" if _revoke else "time-slice-unrevoked",
+            title="a critical section under the 7.0 time-slice extension"
+            if _revoke
+            else "the time-slice extension in a kernel that keeps grants across system calls (broken)",
+            doc="T1 sets slice_ctrl.request around two short sections (the second makes a system "
+            "call) and calls rseq_slice_yield() when it was granted; T2 waits for the only CPU. "
+            "Properties: a grant is revoked by any system call, and never lasts longer than its bound. "
+            + ("Holds under linux-7.0." if _revoke else "Violated: the grant survives getpid()."),
+            expect="holds" if _revoke else "violated",
+            variant_options={} if _revoke else {"revoke_on_syscall": False},
+            pair="time-slice-unrevoked" if _revoke else "time-slice",
+            setup=_slice_setup,
+            threads=lambda data: [ThreadSpec(slice_user, 0), ThreadSpec(bystander, None)],
+            check_step=_slice_check,
+            variants=("linux-7.0",),
+            default_variant="linux-7.0",
+            area_size=64,
+            ncpus=1,
+            bounds={"preemptions": 3, "migrations": 0, "signals": 0},
+        )
     )
-)
 
 # ====================================================================== syscall in cs
 

@@ -373,7 +373,8 @@ class Linux70(Linux63):
         "a preemption of a thread whose slice_ctrl.request is set is deferred: granted=1 for a bounded "
         "number of steps; rseq_slice_yield() ends the grant; any other system call revokes it.",
         "The model grants in both modes; the grant bound is counted in user steps "
-        "(option slice_steps, default 3) instead of microseconds.",
+        "(option slice_steps, default 5) instead of microseconds; option revoke_on_syscall=False "
+        "is a design that keeps the grant across system calls.",
     )
     feature_size = 33
     align = 64
@@ -392,7 +393,7 @@ class Linux70(Linux63):
 
     @property
     def slice_steps(self) -> int:
-        return self.options.get("slice_steps", 3)
+        return self.options.get("slice_steps", 5)
 
     def before_activate(self, m, t, area, length, flags, more) -> int:
         error = super().before_activate(m, t, area, length, flags, more)
@@ -494,7 +495,7 @@ class Linux70(Linux63):
                 self._revoke(m, t, "rseq_slice_yield()")
                 return 0, True
             return 0, False
-        if left > 0:
+        if left > 0 and self.options.get("revoke_on_syscall", True):
             self._revoke(m, t, f"system call {step.name}() revokes the grant")
             result, _ = super().syscall(m, t, step)
             return result, True
