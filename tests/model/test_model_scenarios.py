@@ -76,12 +76,16 @@ def test_list_pop_cas_trace_shows_the_aba():
     assert "cas   head[cpu0] &nodeA -> &nodeB   (ok)" in text
 
 
-def test_list_pop_rseq_aborts_happen():
-    # the correct design is only interesting if aborts are explored
+def test_list_pop_rseq_survives_the_aba_schedule():
+    # the schedule that breaks the CAS design, run against the rseq design:
+    # T1 is preempted inside its section, T2 runs on cpu0, T1 aborts and retries
     from rseq.model import replay
 
     result = explore("list-pop-rseq", preemptions=1, migrations=0)
     assert result.holds
+    schedule = ["step T1"] * 4 + ["preempt cpu0 T2", "preempt cpu0 T1"]
+    replayed = replay("list-pop-rseq", schedule)
+    assert any("T1 was inside load_cbeq_store_add_load_store" in line for line in replayed.trace), replayed.trace
 
 
 def test_two_libraries_violation_names_the_unregistering_library():
