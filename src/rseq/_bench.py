@@ -131,10 +131,11 @@ def _prometheus_multiprocess_inc(rounds: int, seconds: float) -> Optional[float]
     return statistics.median(json.loads(proc.stdout))
 
 
-def _throughput_worker(path: str, seconds: float, start, results, slot: int):
+def _throughput_worker(path: str, seconds: float, start, results, slot: int,
+                       reference: bool):
     from ._arena import Arena
     arena = Arena.open(path)
-    add = arena.counter("throughput").add
+    add = {}.get if reference else arena.counter("throughput").add
     start.wait()
     deadline = time.perf_counter() + seconds
     n = 0
@@ -148,20 +149,28 @@ def _throughput_worker(path: str, seconds: float, start, results, slot: int):
 def arena_throughput_rounds(rounds: int, seconds: float) -> dict:
     """Adds per second of 1 and 2 worker processes on one arena counter,
     alternating round by round; medians, their ratio, and whether every
-    round's total was exact."""
-    one, two, exact = [], [], True
+    round's total was exact.  Beside it, the same for workers that share
+    nothing at all ({}.get(1)): how far 2 processes scale on this machine
+    at best, measured in the same run."""
+    samples: dict[tuple[str, int], list[float]] = {}
+    exact = True
     for _ in range(rounds):
-        for n, samples in ((1, one), (2, two)):
-            rate, ok = arena_throughput(n, seconds)
-            samples.append(rate)
-            exact &= ok
-    m1, m2 = statistics.median(one), statistics.median(two)
-    return {"1 process (adds/s)": m1, "2 processes (adds/s)": m2, "ratio": m2 / m1,
+        for kind in ("arena", "reference"):
+            for n in (1, 2):
+                rate, ok = arena_throughput(n, seconds, reference=kind == "reference")
+                samples.setdefault((kind, n), []).append(rate)
+                exact &= ok
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    return {"1 process (adds/s)": med["arena", 1], "2 processes (adds/s)": med["arena", 2],
+            "ratio": med["arena", 2] / med["arena", 1],
+            "reference ratio": med["reference", 2] / med["reference", 1],
             "exact": exact, "rounds": rounds}
 
 
-def arena_throughput(processes: int, seconds: float) -> tuple[float, bool]:
-    """(adds per second, exact) of `processes` workers on one arena counter."""
+def arena_throughput(processes: int, seconds: float,
+                     reference: bool = False) -> tuple[float, bool]:
+    """(adds per second, exact) of `processes` workers on one arena counter
+    (with `reference`, calls of {}.get(1) instead, which share nothing)."""
     from ._arena import Arena
     ctx = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
@@ -171,7 +180,7 @@ def arena_throughput(processes: int, seconds: float) -> tuple[float, bool]:
             start = ctx.Event()
             results = ctx.Array("q", processes)
             procs = [ctx.Process(target=_throughput_worker,
-                                 args=(path, seconds, start, results, i))
+                                 args=(path, seconds, start, results, i, reference))
                      for i in range(processes)]
             for p in procs:
                 p.start()
@@ -180,7 +189,7 @@ def arena_throughput(processes: int, seconds: float) -> tuple[float, bool]:
             for p in procs:
                 p.join()
             total = sum(results)
-            return total / seconds, counter.value() == total
+            return total / seconds, reference or counter.value() == total
 
 
 def bench_counters(quick: bool = False) -> dict:
@@ -309,7 +318,8 @@ def format_section(result: dict) -> str:
         lines.append(f"  arena throughput (median of {tp['rounds']} alternating rounds): "
                      f"1 process {tp['1 process (adds/s)'] / 1e6:.1f} M adds/s, "
                      f"2 processes {tp['2 processes (adds/s)'] / 1e6:.1f} M adds/s "
-                     f"({tp['ratio']:.2f}x; totals {'exact' if tp['exact'] else 'WRONG'})")
+                     f"({tp['ratio']:.2f}x; totals {'exact' if tp['exact'] else 'WRONG'}); "
+                     f"workers sharing nothing scale {tp['reference ratio']:.2f}x here")
     if "c_level_ns" in result:
         lines.append("  C level, ns per operation per thread:")
         for label, v in result["c_level_ns"].items():
