@@ -43,6 +43,24 @@ static inline int rseq_state_clear(PyObject *module)
 
 static inline void rseq_state_free(void *module) { rseq_state_clear((PyObject *)module); }
 
+/* The slots of both modules.  Free-threaded builds: nothing relies on the
+ * GIL (registration state is per thread, process discovery runs under
+ * pthread_once, the counter pool has its own lock); one interpreter only,
+ * since process-wide registration state cannot be per interpreter. */
+#ifdef Py_mod_multiple_interpreters
+#define RSEQ_SLOT_INTERPRETERS \
+    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
+#else
+#define RSEQ_SLOT_INTERPRETERS
+#endif
+#ifdef Py_mod_gil
+#define RSEQ_SLOT_GIL {Py_mod_gil, Py_MOD_GIL_NOT_USED},
+#else
+#define RSEQ_SLOT_GIL
+#endif
+#define RSEQ_MODULE_SLOTS(exec) \
+    {{Py_mod_exec, (exec)}, RSEQ_SLOT_INTERPRETERS RSEQ_SLOT_GIL {0, NULL}}
+
 /* "EINVAL" for EINVAL; "errno 123" for a value without a name here. */
 const char *errno_name(int err);
 

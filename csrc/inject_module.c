@@ -128,16 +128,7 @@ static int module_exec(PyObject *module)
 }
 
 
-static PyModuleDef_Slot module_slots[] = {
-    {Py_mod_exec, module_exec},
-#ifdef Py_mod_multiple_interpreters
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
-#endif
-    {0, NULL},
-};
+static PyModuleDef_Slot module_slots[] = RSEQ_MODULE_SLOTS(module_exec);
 
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,

@@ -15,6 +15,7 @@
 #include "counter_type.h"
 #include "percpu.h"
 #include "registration.h"
+#include "thread_area.h"
 #include "rseq/capi.h"
 
 /* ------------------------------------------------------------------------
@@ -491,24 +492,14 @@ static int module_exec(PyObject *module)
         return -1;
     if (PyModule_AddIntConstant(module, "SIGNATURE", RSEQ_SIG) < 0
         || PyModule_AddStringConstant(module, "ARCH", RSEQ_ARCH_NAME) < 0
-        || PyModule_AddIntConstant(module, "HAS_CRITICAL_SECTIONS", RSEQ_ARCH_HAS_CS) < 0)
+        || PyModule_AddIntConstant(module, "HAS_CRITICAL_SECTIONS", RSEQ_ARCH_HAS_CS) < 0
+        || PyModule_AddIntConstant(module, "POSSIBLE_CPUS", rseq_possible_cpus()) < 0)
         return -1;
     return 0;
 }
 
 
-static PyModuleDef_Slot module_slots[] = {
-    {Py_mod_exec, module_exec},
-#ifdef Py_mod_multiple_interpreters
-    {Py_mod_multiple_interpreters, Py_MOD_MULTIPLE_INTERPRETERS_NOT_SUPPORTED},
-#endif
-#ifdef Py_mod_gil
-    /* Free-threaded builds: nothing here relies on the GIL.  Registration
-     * state is per thread, process discovery runs under pthread_once. */
-    {Py_mod_gil, Py_MOD_GIL_NOT_USED},
-#endif
-    {0, NULL},
-};
+static PyModuleDef_Slot module_slots[] = RSEQ_MODULE_SLOTS(module_exec);
 
 PyDoc_STRVAR(module_doc, "The C core of rseq: use the rseq package, not this module.");
 

@@ -184,7 +184,7 @@ class Arena:
         if not isinstance(key_max, int) or not 1 <= key_max <= 4096:
             raise ValueError(f"key_max must be an int in 1..4096, not {key_max!r}")
         path = _path_for(name)
-        layout = Layout.compute(_core.info_dict()["possible_cpus"], capacity, key_max)
+        layout = Layout.compute(_core.POSSIBLE_CPUS, capacity, key_max)
         directory, base = os.path.split(path)
         temporary = os.path.join(directory or ".", f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -209,7 +209,7 @@ class Arena:
         try:
             size = os.fstat(fd).st_size
             head = os.pread(fd, HEADER_SIZE, 0)
-            layout = parse_header(head, size, _core.info_dict()["possible_cpus"])
+            layout = parse_header(head, size, _core.POSSIBLE_CPUS)
         except BaseException:
             os.close(fd)
             raise

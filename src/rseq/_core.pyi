@@ -20,6 +20,7 @@ class ArenaFullError(ArenaError): ...
 SIGNATURE: Final[int]
 ARCH: Final[str]
 HAS_CRITICAL_SECTIONS: Final[int]
+POSSIBLE_CPUS: Final[int]
 ARENA_ENTRY_HEADER: Final[int]
 #: The C API capsule ("rseq._core._C_API"); see rseq/capi.h.
 _C_API: Final[object]
