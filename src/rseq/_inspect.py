@@ -69,7 +69,8 @@ def _read_exiting(pid: int, tid: int, attempts: int = 20) -> tuple[int, int, int
 
 
 def inspect_process(pid: int) -> list[ThreadRegistration]:
-    """Each thread of process ``pid`` with its registration.
+    """Each thread of process ``pid`` with its registration, the main
+    thread first.
 
     Raises InspectError for a process that does not exist, that we may not
     trace, or a kernel without the ptrace request.
@@ -80,7 +81,10 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
         raise InspectError("cannot inspect this process itself (a thread "
                            "cannot ptrace its own thread group); use rseq.info()")
     try:
-        tids = sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        # The main thread first, then the others by tid (tids wrap around
+        # pid_max, so a later thread can have a smaller tid than the main).
+        tids = sorted((int(t) for t in os.listdir(f"/proc/{pid}/task")),
+                      key=lambda tid: (tid != pid, tid))
     except FileNotFoundError:
         raise InspectError(f"no such process: {pid}") from None
     except PermissionError:
