@@ -165,7 +165,15 @@ def test_stub_and_package_type_check(tmp_path):
         "with rseq.registered() as count:\n"
         "    reveal_type(count)\n"
         "from rseq import _core\n"
-        "t: tuple[int, int, int, int] = _core.thread_configuration(1)\n")
+        "t: tuple[int, int, int, int] = _core.thread_configuration(1)\n"
+        "pc = rseq.PerCpuCounter(index='cpu')\n"
+        "pc.add(); pc.add(5); pc.add(n=2)\n"
+        "v: int = pc.value() + pc.reset() + sum(pc.per_cpu())\n"
+        "with rseq.Arena.create('/tmp/never-run', capacity=4) as arena:\n"
+        "    ac: rseq.ArenaCounter = arena.counter('k')\n"
+        "    keys: list[str] = arena.keys()\n"
+        "    maybe = arena.get('k')\n"
+        "    w: int = ac.value()\n")
     proc = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental",
                            "--python-version", "3.11", str(sample)],
                           capture_output=True, text=True, cwd=tmp_path)
