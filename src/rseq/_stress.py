@@ -96,48 +96,79 @@ class _SharedCounts:
 
 
 class Disturber:
-    """A thread that sends signals to and migrates the workers until stopped."""
+    """A separate process that signals and migrates the workers until stopped.
+
+    A process, not a thread: a Python thread needs the GIL to act, and worker
+    threads hold it while they run, so it would rarely get to migrate or
+    signal one in the middle of an operation.  It is forked before any worker
+    exists, and learns its targets through shared memory: [count, (kind,
+    id)...] with kind 1 a thread of this process (signalled with tgkill), 2
+    a worker process.
+    """
+
+    MAX_TARGETS = 256
+    _THREAD, _PROCESS = 1, 2
+    _SYS_TGKILL = 234  # x86-64; elsewhere the storm signals the process
 
     def __init__(self, storm: bool, migrate: bool):
         self.storm = storm
         self.migrate = migrate
-        self.thread_ids: list[int] = []     # native thread ids (migration)
-        self.pthread_ids: list[int] = []    # pthread ids (signals to threads)
-        self.pids: list[int] = []           # worker processes
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.signals = 0
-        self.migrations = 0
+        self._map = mmap.mmap(-1, 8 * (1 + 2 * self.MAX_TARGETS))
+        self._view = memoryview(self._map).cast("q")
+        self._lock = threading.Lock()
+        self._pid: Optional[int] = None
 
-    def start(self):
-        self._thread.start()
+    def add_thread(self, tid: int) -> None:
+        self._add(self._THREAD, tid)
 
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
+    def add_process(self, pid: int) -> None:
+        self._add(self._PROCESS, pid)
 
-    def _run(self):
+    def _add(self, kind: int, ident: int) -> None:
+        with self._lock:
+            n = self._view[0]
+            if n < self.MAX_TARGETS:
+                self._view[1 + 2 * n] = kind
+                self._view[2 + 2 * n] = ident
+                self._view[0] = n + 1  # published after the entry is complete
+
+    def start(self) -> None:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._run(parent)
+            finally:
+                os._exit(0)
+        self._pid = pid
+
+    def stop(self) -> None:
+        if self._pid is not None:
+            os.kill(self._pid, signal.SIGKILL)
+            os.waitpid(self._pid, 0)
+            self._pid = None
+
+    def _run(self, parent: int) -> None:
+        import ctypes
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
         cpus = sorted(os.sched_getaffinity(0))
         rng = random.Random(1)
-        while not self._stop.is_set():
-            if self.storm:
-                for ident in list(self.pthread_ids):
+        while os.getppid() == parent:
+            n = self._view[0]
+            targets = [(self._view[1 + 2 * i], self._view[2 + 2 * i]) for i in range(n)]
+            for kind, ident in targets:
+                if self.storm:
+                    if kind == self._THREAD and sys.platform == "linux" and \
+                            os.uname().machine == "x86_64":
+                        syscall(self._SYS_TGKILL, parent, ident, signal.SIGUSR1)
+                    else:
+                        try:
+                            os.kill(parent if kind == self._THREAD else ident, signal.SIGUSR1)
+                        except ProcessLookupError:
+                            pass
+                if self.migrate and len(cpus) > 1:
                     try:
-                        signal.pthread_kill(ident, signal.SIGUSR1)
-                        self.signals += 1
-                    except (ProcessLookupError, OSError):
-                        pass
-                for pid in list(self.pids):
-                    try:
-                        os.kill(pid, signal.SIGUSR1)
-                        self.signals += 1
-                    except ProcessLookupError:
-                        pass
-            if self.migrate and len(cpus) > 1:
-                for tid in list(self.thread_ids) + list(self.pids):
-                    try:
-                        os.sched_setaffinity(tid, {rng.choice(cpus)})
-                        self.migrations += 1
+                        os.sched_setaffinity(ident, {rng.choice(cpus)})
                     except OSError:
                         pass
             time.sleep(0.0002 if self.storm else 0.001)
@@ -146,9 +177,8 @@ class Disturber:
 def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Disturber) -> int:
     """Fork `nworkers` children running body(worker); returns their aborts.
 
-    The disturber starts after the last fork, so no child inherits it in the
-    middle of a call; each child reports its abort count through shared
-    memory before leaving without cleanup."""
+    Each child reports its abort count through shared memory before leaving
+    without cleanup."""
     from . import _inject
     aborts = _SharedCounts(nworkers)
     pids = []
@@ -163,8 +193,7 @@ def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Distur
             finally:
                 os._exit(code)
         pids.append(pid)
-        disturber.pids.append(pid)
-    disturber.start()
+        disturber.add_process(pid)
     failures = 0
     for pid in pids:
         _, status = os.waitpid(pid, 0)
@@ -194,8 +223,7 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
     ready = threading.Barrier(n + 1)
 
     def worker():
-        disturber.thread_ids.append(threading.get_native_id())
-        disturber.pthread_ids.append(threading.get_ident())
+        disturber.add_thread(threading.get_native_id())
         ready.wait()
         body()
 
@@ -222,11 +250,11 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
         return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
     old_handler = signal.signal(signal.SIGUSR1, _ignore)
     start = time.perf_counter()
+    disturber = Disturber(storm=action == "signal", migrate=migrate)
     arena = None
     tmpdir = None
     try:
         _configure_injection(_inject, point, loops, action)
-        disturber = Disturber(storm=action == "signal", migrate=migrate)
         if structure == "counter":
             counter = _inject.PerCpuCounter(index=index)
         else:
@@ -236,9 +264,8 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
             arena.counter("total")
             counter = _arena_counter(_inject, arena, "total")
         child_aborts = 0
+        disturber.start()
         if workers == "threads":
-            disturber.start()
-
             def body():
                 add = counter.add
                 for i in range(reps):
@@ -255,6 +282,7 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
         return CaseResult(name, nworkers * reps, got, _inject.aborts() + child_aborts,
                           time.perf_counter() - start)
     finally:
+        disturber.stop()  # idempotent; also on the error path
         _inject.reset()
         signal.signal(signal.SIGUSR1, old_handler)
         if arena is not None:
@@ -297,14 +325,14 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
         return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
     old_handler = signal.signal(signal.SIGUSR1, _ignore)
     start = time.perf_counter()
+    disturber = Disturber(storm=action == "signal", migrate=migrate)
     try:
         _configure_injection(_inject, point, loops, action)
-        disturber = Disturber(storm=action == "signal", migrate=migrate)
         shared = mmap.mmap(-1, _inject.primitive_size(primitive, nworkers))
         _inject.primitive_init(primitive, shared, nworkers)
         child_aborts = 0
+        disturber.start()
         if workers == "threads":
-            disturber.start()
             counter = itertools.count()
 
             def body():
@@ -319,6 +347,7 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
         return CaseResult(name, expected, got, _inject.aborts() + child_aborts,
                           time.perf_counter() - start)
     finally:
+        disturber.stop()  # idempotent; also on the error path
         _inject.reset()
         signal.signal(signal.SIGUSR1, old_handler)
 
