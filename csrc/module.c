@@ -347,35 +347,71 @@ static int capi_unregister(void)
     return rseq_thread_unregister(&not_owned);
 }
 
-/* The primitives for other extensions: the same inline sequences, behind
- * function pointers (a call costs ~1 ns; an extension that needs less can
- * include the sequences itself once the ABI header is all it shares). */
+/* The primitives for other extensions: the same inline sequences behind
+ * function pointers (a call costs about a nanosecond).  With area == NULL (a
+ * thread on the fallback) each takes its atomic fallback, whose owner words
+ * (pop, store_store, memcpy) are process-local: the mixing rule of
+ * percpu_fallback.h applies to the caller's data. */
 static int capi_current_index(struct rseq_abi *rs, int mode)
 {
-    return rseq_current_index(rs, (enum rseq_index_mode)mode);
+    return rseq_percpu_index(rs, (enum rseq_index_mode)mode);
 }
+
+#if RSEQ_ARCH_HAS_CS
+#define CAPI_SEQUENCE(call) do { if (rs) return call; } while (0)
+#else
+#define CAPI_SEQUENCE(call) do { } while (0)
+#endif
 
 static int capi_load_cbne_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t expect,
                                 intptr_t newv, int cpu)
 {
-#if RSEQ_ARCH_HAS_CS
-    return rseq_load_cbne_store(rs, (enum rseq_index_mode)mode, v, expect, newv, cpu);
-#else
-    (void)rs; (void)mode; (void)cpu;
+    CAPI_SEQUENCE(rseq_load_cbne_store(rs, (enum rseq_index_mode)mode, v, expect, newv, cpu));
     return rseq_fallback_load_cbne_store(v, expect, newv);
-#endif
 }
 
 static int capi_load_add_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t count,
                                int cpu)
 {
-#if RSEQ_ARCH_HAS_CS
-    return rseq_load_add_store(rs, (enum rseq_index_mode)mode, v, count, cpu);
-#else
-    (void)rs; (void)mode; (void)cpu;
+    CAPI_SEQUENCE(rseq_load_add_store(rs, (enum rseq_index_mode)mode, v, count, cpu));
     return rseq_fallback_load_add_store(v, count);
-#endif
 }
+
+static int capi_load_add_bov_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t count,
+                                   int cpu)
+{
+    CAPI_SEQUENCE(rseq_load_add_bov_store(rs, (enum rseq_index_mode)mode, v, count, cpu));
+    return rseq_fallback_load_add_bov_store(v, count);
+}
+
+static int capi_load_cbeq_store_load_store(struct rseq_abi *rs, int mode, intptr_t *v,
+                                           intptr_t expectnot, ptrdiff_t next_offset,
+                                           intptr_t *loaded, int cpu)
+{
+    CAPI_SEQUENCE(rseq_load_cbeq_store_load_store(rs, (enum rseq_index_mode)mode, v, expectnot,
+                                                  next_offset, loaded, cpu));
+    return rseq_fallback_load_cbeq_store_load_store(v, expectnot, next_offset, loaded, NULL);
+}
+
+static int capi_load_cbne_store_store(struct rseq_abi *rs, int mode, intptr_t *v,
+                                      intptr_t expect, intptr_t *p2, intptr_t v2,
+                                      intptr_t newv, int cpu)
+{
+    CAPI_SEQUENCE(rseq_load_cbne_store_store(rs, (enum rseq_index_mode)mode, v, expect, p2, v2,
+                                             newv, cpu));
+    return rseq_fallback_load_cbne_store_store(v, expect, p2, v2, newv, NULL);
+}
+
+static int capi_load_cbne_memcpy_store(struct rseq_abi *rs, int mode, intptr_t *v,
+                                       intptr_t expect, void *dst, const void *src, size_t len,
+                                       intptr_t newv, int cpu)
+{
+    CAPI_SEQUENCE(rseq_load_cbne_memcpy_store(rs, (enum rseq_index_mode)mode, v, expect, dst,
+                                              src, len, newv, cpu));
+    return rseq_fallback_load_cbne_memcpy_store(v, expect, dst, src, len, newv, NULL);
+}
+
+#undef CAPI_SEQUENCE
 
 static const struct rseq_capi capi = {
     .size = sizeof(struct rseq_capi),
@@ -389,6 +425,10 @@ static const struct rseq_capi capi = {
     .current_index = capi_current_index,
     .load_cbne_store = capi_load_cbne_store,
     .load_add_store = capi_load_add_store,
+    .load_add_bov_store = capi_load_add_bov_store,
+    .load_cbeq_store_load_store = capi_load_cbeq_store_load_store,
+    .load_cbne_store_store = capi_load_cbne_store_store,
+    .load_cbne_memcpy_store = capi_load_cbne_memcpy_store,
 };
 
 /* ------------------------------------------------------------------------

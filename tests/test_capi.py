@@ -162,3 +162,66 @@ def test_c_api_when_rseq_is_denied(capi_dir):
     assert got["area"] == [None, None, 0, 0, None]
     assert got["cpus"] == {str(c): [c] for c in usable_cpus()}
     assert got["register"] == -errno.EPERM
+
+
+# ---------------------------------------------------------------------------
+# The per-CPU primitives through the C API (version 2)
+# ---------------------------------------------------------------------------
+
+def _threads(n, target, *args):
+    ts = [threading.Thread(target=target, args=args) for _ in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+
+
+def test_primitives_are_in_the_capsule(ext):
+    header = ext.import_api()
+    assert header["version"] >= 2
+
+
+def test_load_add_store_from_threads_is_exact(ext):
+    before = ext.percpu_sum()
+    _threads(4, ext.percpu_add, 200_000)   # the GIL is released inside
+    assert ext.percpu_sum() - before == 800_000
+
+
+def test_list_push_pop_loses_and_duplicates_nothing(ext):
+    ext.list_init(64)
+    _threads(4, ext.list_churn, 100_000)
+    assert ext.list_census() == (64, 64)
+
+
+def test_bov_refuses_to_wrap_and_memcpy_commits(ext):
+    first, second, value, version, copy = ext.bov_and_memcpy()
+    assert (first, second) == (0, 1)           # INTPTR_MAX - 1 + 1 fits, + 1 more does not
+    assert value == 2**63 - 1                  # the refused add changed nothing
+    assert version >= 1 and copy == "committed copy!"
+
+
+def test_primitives_on_the_fallback_path(capi_dir):
+    """With rseq denied, thread_area() is NULL and every primitive takes its
+    atomic fallback: still exact."""
+    result = run_json(f"""
+        import errno, json, sys, threading
+        from helpers.seccomp import deny_rseq
+        deny_rseq(errno.ENOSYS)
+        sys.path.insert(0, {capi_dir!r})
+        import rseq, capi_ext
+        capi_ext.import_api()
+        ts = [threading.Thread(target=capi_ext.percpu_add, args=(50000,)) for _ in range(4)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        capi_ext.list_init(32)
+        ts = [threading.Thread(target=capi_ext.list_churn, args=(20000,)) for _ in range(4)]
+        for t in ts: t.start()
+        for t in ts: t.join()
+        print(json.dumps({{"area": capi_ext.thread_area(), "sum": capi_ext.percpu_sum(),
+                          "census": capi_ext.list_census(),
+                          "bov": capi_ext.bov_and_memcpy()}}))
+    """, env=OWN_REGISTRATION)
+    assert result["area"] in (None, 0)
+    assert result["sum"] == 200000
+    assert result["census"] == [32, 32]
+    assert result["bov"][:2] == [0, 1] and result["bov"][4] == "committed copy!"

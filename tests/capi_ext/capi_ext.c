@@ -2,8 +2,9 @@
  * capi_ext.c - a minimal client of rseq's C API, built by tests/test_capi.py.
  *
  * It does what a third-party extension would: import the capsule with
- * rseq_capi_import(), check its size, version and signature, and call each
- * version-1 member.  watch_thread_exit() also checks, from a pthread key
+ * rseq_capi_import(), check its size, version and signature, call each
+ * version-1 member, and run each version-2 per-CPU primitive with retry
+ * loops, from several threads at once where the result can be checked.  watch_thread_exit() also checks, from a pthread key
  * destructor that runs after rseq's own, that an exiting thread's area is
  * no longer registered with the kernel once rseq has freed it.
  */
@@ -13,6 +14,9 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -149,6 +153,180 @@ static PyObject *exit_report(PyObject *self, PyObject *unused)
                          "other_errors", exits_other, "last_errno", exits_last_errno);
 }
 
+/* ------------------------------------------------------------------------
+ * The per-CPU primitives (version 2), as a client would use them
+ * ------------------------------------------------------------------------ */
+
+#define MAX_CPUS 1024
+#define LINE 8 /* intptr_t per 64-byte line: one line per CPU */
+
+static intptr_t add_slots[MAX_CPUS * LINE] __attribute__((aligned(64)));
+
+struct node { intptr_t next; intptr_t id; };
+static intptr_t list_heads[MAX_CPUS * LINE] __attribute__((aligned(64)));
+static struct node *nodes;
+static long nnodes;
+
+/* `reps` adds of 1 on the caller's CPU slot: current_index + load_add_store,
+ * retried on abort, with the GIL released so threads really run at once. */
+static PyObject *percpu_add(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long reps = PyLong_AsLong(arg);
+    if (reps < 0 && PyErr_Occurred())
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    struct rseq_abi *area = api->thread_area();
+    for (long i = 0; i < reps; i++) {
+        int cpu, ret;
+        do {
+            cpu = api->current_index(area, RSEQ_CAPI_INDEX_CPU_ID);
+            ret = api->load_add_store(area, RSEQ_CAPI_INDEX_CPU_ID,
+                                      &add_slots[(cpu % MAX_CPUS) * LINE], 1, cpu);
+        } while (ret < 0);
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *percpu_sum(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    long long sum = 0;
+    for (int c = 0; c < MAX_CPUS; c++)
+        sum += __atomic_load_n(&add_slots[c * LINE], __ATOMIC_RELAXED);
+    return PyLong_FromLongLong(sum);
+}
+
+static void push(struct rseq_abi *area, struct node *n)
+{
+    for (;;) {
+        int cpu = api->current_index(area, RSEQ_CAPI_INDEX_CPU_ID);
+        intptr_t *head = &list_heads[(cpu % MAX_CPUS) * LINE];
+        intptr_t expect = __atomic_load_n(head, __ATOMIC_RELAXED);
+        if (api->load_cbne_store_store(area, RSEQ_CAPI_INDEX_CPU_ID, head, expect, &n->next,
+                                       expect, (intptr_t)n, cpu) == 0)
+            return;
+    }
+}
+
+static struct node *pop(struct rseq_abi *area)
+{
+    for (;;) {
+        int cpu = api->current_index(area, RSEQ_CAPI_INDEX_CPU_ID);
+        intptr_t loaded = 0;
+        int ret = api->load_cbeq_store_load_store(area, RSEQ_CAPI_INDEX_CPU_ID,
+                                                  &list_heads[(cpu % MAX_CPUS) * LINE], 0,
+                                                  offsetof(struct node, next), &loaded, cpu);
+        if (ret == 0)
+            return (struct node *)loaded;
+        if (ret > 0)
+            return NULL; /* this CPU's list is empty */
+    }
+}
+
+/* list_init(n): n nodes pushed on the caller's CPU list(s). */
+static PyObject *list_init(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long n = PyLong_AsLong(arg);
+    if (n <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "n must be positive");
+        return NULL;
+    }
+    free(nodes);
+    memset(list_heads, 0, sizeof list_heads);
+    nodes = calloc((size_t)n, sizeof *nodes);
+    if (!nodes)
+        return PyErr_NoMemory();
+    nnodes = n;
+    struct rseq_abi *area = api->thread_area();
+    for (long i = 0; i < n; i++) {
+        nodes[i].id = i;
+        push(area, &nodes[i]);
+    }
+    Py_RETURN_NONE;
+}
+
+/* list_churn(rounds): pop a node from this CPU's list and push it back
+ * (wherever the thread is by then), GIL released; returns empty pops. */
+static PyObject *list_churn(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    long rounds = PyLong_AsLong(arg);
+    if (rounds < 0 && PyErr_Occurred())
+        return NULL;
+    long empty = 0;
+    Py_BEGIN_ALLOW_THREADS
+    struct rseq_abi *area = api->thread_area();
+    for (long i = 0; i < rounds; i++) {
+        struct node *n = pop(area);
+        if (n)
+            push(area, n);
+        else
+            empty++;
+    }
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(empty);
+}
+
+/* list_census(): (nodes found, distinct nodes) walking every list once the
+ * threads are done; equal to (n, n) when no node was lost or duplicated. */
+static PyObject *list_census(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    char *seen = calloc((size_t)nnodes, 1);
+    if (!seen)
+        return PyErr_NoMemory();
+    long found = 0, distinct = 0;
+    for (int c = 0; c < MAX_CPUS; c++) {
+        for (struct node *n = (struct node *)list_heads[c * LINE]; n && found <= nnodes;
+             n = (struct node *)n->next) {
+            found++;
+            if (n < nodes || n >= nodes + nnodes)
+                continue; /* not one of ours: counted, never distinct */
+            if (!seen[n - nodes]++)
+                distinct++;
+        }
+    }
+    free(seen);
+    return Py_BuildValue("(ll)", found, distinct);
+}
+
+/* bov_and_memcpy(): the overflow-checked add refuses to wrap, and the copy
+ * lands with its commit; returns (first add, overflowing add, slot, copied). */
+static PyObject *bov_and_memcpy(PyObject *self, PyObject *unused)
+{
+    (void)self; (void)unused;
+    static intptr_t slots[MAX_CPUS * LINE] __attribute__((aligned(64)));
+    static intptr_t versions[MAX_CPUS * LINE] __attribute__((aligned(64)));
+    static char copies[MAX_CPUS][16];
+    struct rseq_abi *area = api->thread_area();
+    int first, second, copied, cpu;
+    do {
+        cpu = api->current_index(area, RSEQ_CAPI_INDEX_CPU_ID);
+        slots[(cpu % MAX_CPUS) * LINE] = INTPTR_MAX - 1;
+        first = api->load_add_bov_store(area, RSEQ_CAPI_INDEX_CPU_ID,
+                                        &slots[(cpu % MAX_CPUS) * LINE], 1, cpu);
+        if (first < 0)
+            continue;
+        second = api->load_add_bov_store(area, RSEQ_CAPI_INDEX_CPU_ID,
+                                         &slots[(cpu % MAX_CPUS) * LINE], 1, cpu);
+    } while (first < 0 || second < 0);
+    intptr_t value = slots[(cpu % MAX_CPUS) * LINE];
+    do {
+        cpu = api->current_index(area, RSEQ_CAPI_INDEX_CPU_ID);
+        copied = api->load_cbne_memcpy_store(area, RSEQ_CAPI_INDEX_CPU_ID,
+                                             &versions[(cpu % MAX_CPUS) * LINE],
+                                             versions[(cpu % MAX_CPUS) * LINE],
+                                             copies[cpu % MAX_CPUS], "committed copy!", 16,
+                                             versions[(cpu % MAX_CPUS) * LINE] + 1, cpu);
+    } while (copied < 0);
+    return Py_BuildValue("(iiNis)", first, second, PyLong_FromSsize_t(value),
+                         (int)versions[(cpu % MAX_CPUS) * LINE], copies[cpu % MAX_CPUS]);
+}
+
 static PyMethodDef methods[] = {
     {"import_api", import_api, METH_NOARGS, NULL},
     {"thread_area", thread_area, METH_NOARGS, NULL},
@@ -159,6 +337,12 @@ static PyMethodDef methods[] = {
     {"unregister_thread", unregister_thread, METH_NOARGS, NULL},
     {"watch_thread_exit", watch_thread_exit, METH_O, NULL},
     {"exit_report", exit_report, METH_NOARGS, NULL},
+    {"percpu_add", percpu_add, METH_O, NULL},
+    {"percpu_sum", percpu_sum, METH_NOARGS, NULL},
+    {"list_init", list_init, METH_O, NULL},
+    {"list_churn", list_churn, METH_O, NULL},
+    {"list_census", list_census, METH_NOARGS, NULL},
+    {"bov_and_memcpy", bov_and_memcpy, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},
 };
 

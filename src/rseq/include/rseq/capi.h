@@ -18,9 +18,7 @@
  *
  * The struct only grows: check `size` before using a member added after
  * version 1 (RSEQ_CAPI_HAS(api, member)).  Version 2 added the per-CPU
- * primitives; the mixing rule applies to them: words written by these
- * sequences must never be written by atomic fallback code at the same time
- * (give threads without an area their own lane, as rseq's counters do).
+ * primitives.
  */
 #ifndef RSEQ_CAPI_H
 #define RSEQ_CAPI_H
@@ -59,14 +57,39 @@ struct rseq_capi {
      * owned by glibc/librseq); -EINVAL: no register_thread() outstanding. */
     int (*unregister_thread)(void);
 
-    /* Per-CPU primitives (version 2): each returns 0 committed, 1 compare
-     * failed, -1 aborted (retry).  `area` is thread_area(); `cpu` is the
-     * index the caller computed its address from (current_index()). */
+    /* Per-CPU primitives (version 2), named after their pseudo-code; each
+     * returns 0 committed, 1 compare failed (or overflow), -1 aborted (read
+     * the index again and retry).  `area` is thread_area(); `mode` an
+     * enum rseq_capi_index_mode; `cpu` the index the caller read with
+     * current_index() and derived every address from.  With area == NULL
+     * they take the atomic fallback (never -1): words written by sequences
+     * and by fallback code must not be the same words at the same time.
+     * Stores before the commit are speculative. */
+    /* cpu_id_start or mm_cid; sched_getcpu() when area is NULL */
     int (*current_index)(struct rseq_abi *area, int mode);
+    /* load v; if (*v != expect) fail; store newv to *v */
     int (*load_cbne_store)(struct rseq_abi *area, int mode, intptr_t *v,
                            intptr_t expect, intptr_t newv, int cpu);
+    /* load v; add count; store */
     int (*load_add_store)(struct rseq_abi *area, int mode, intptr_t *v,
                           intptr_t count, int cpu);
+    /* load v; add count; if (signed overflow) fail; store */
+    int (*load_add_bov_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                              intptr_t count, int cpu);
+    /* list pop: load h = *v; if (h == expectnot) fail; store h to *loaded;
+     * load n = *(h + next_offset); store n to *v */
+    int (*load_cbeq_store_load_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                                      intptr_t expectnot, ptrdiff_t next_offset,
+                                      intptr_t *loaded, int cpu);
+    /* load v; if (*v != expect) fail; store v2 to *p2; store newv to *v
+     * (list push: p2 = &node->next, v2 = expect, newv = node) */
+    int (*load_cbne_store_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                                 intptr_t expect, intptr_t *p2, intptr_t v2,
+                                 intptr_t newv, int cpu);
+    /* load v; if (*v != expect) fail; memcpy(dst, src, len); store newv to *v */
+    int (*load_cbne_memcpy_store)(struct rseq_abi *area, int mode, intptr_t *v,
+                                  intptr_t expect, void *dst, const void *src,
+                                  size_t len, intptr_t newv, int cpu);
 };
 
 #define RSEQ_CAPI_HAS(api, member) \
