@@ -236,3 +236,21 @@ sys.stdin.readline()
     finally:
         child.kill()
         child.wait()
+
+
+def test_kernel_without_the_ptrace_request(threaded_child, monkeypatch, capsys):
+    """Before Linux 5.13 the kernel answers EIO to PTRACE_GET_RSEQ_CONFIGURATION.
+    This kernel has the request, so its answer is simulated at the C boundary."""
+    import errno
+    from rseq import _cli
+
+    def old_kernel(tid):
+        raise OSError(errno.EIO, "ptrace(PTRACE_GET_RSEQ_CONFIGURATION) on thread "
+                      f"{tid}: Input/output error (EIO)")
+
+    monkeypatch.setattr(_inspect._core, "thread_configuration", old_kernel)
+    assert _cli.main(["inspect", str(threaded_child.pid)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "lacks PTRACE_GET_RSEQ_CONFIGURATION" in err and "5.13" in err
