@@ -21,6 +21,7 @@ that plus one per kill.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -235,6 +236,50 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
         t.join()
 
 
+def _skip_reason(index: str, workers: str) -> Optional[str]:
+    """Why an index mode cannot run with this kind of worker, or None."""
+    import rseq
+    if workers == "processes" and index == "mm_cid":
+        return "mm_cid is per process: shared structures index by cpu_id"
+    if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
+        return "mm_cid not usable under this registration"
+    return None
+
+
+def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
+              nworkers: int, migrate: bool,
+              setup: Callable[[contextlib.ExitStack], tuple]) -> CaseResult:
+    """The skeleton every stress case shares.
+
+    ``setup(stack)`` builds the structure (registering its cleanup on
+    ``stack``) and returns ``(work, check)``: ``work(worker, in_child)`` runs
+    one worker's operations, ``check()`` returns ``(expected, got)``.  The
+    workers run as threads or forked processes while the injection point is
+    widened and a disturber signals and migrates them."""
+    from . import _inject
+
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        old_handler = signal.signal(signal.SIGUSR1, _ignore)
+        stack.callback(signal.signal, signal.SIGUSR1, old_handler)
+        stack.callback(_inject.reset)
+        disturber = Disturber(storm=action == "signal", migrate=migrate)
+        stack.callback(disturber.stop)  # idempotent; also on the error path
+        _configure_injection(_inject, point, loops, action)
+        work, check = setup(stack)
+        child_aborts = 0
+        disturber.start()
+        if workers == "threads":
+            numbers = itertools.count()
+            _run_threads(nworkers, lambda: work(next(numbers), False), disturber)
+        else:
+            child_aborts = _run_processes(nworkers, lambda w: work(w, True), disturber)
+        disturber.stop()
+        expected, got = check()
+        return CaseResult(name, expected, got, _inject.aborts() + child_aborts,
+                          time.perf_counter() - start)
+
+
 def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
                  nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
     from . import _inject
@@ -244,53 +289,31 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
             f"workers={workers}")
     if workers == "processes" and structure != "arena":
         return CaseResult(name, 0, 0, 0, 0.0, "in-process counters are per process")
-    if workers == "processes" and index == "mm_cid":
-        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid is per process: arenas index by cpu_id")
-    if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
-        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
-    old_handler = signal.signal(signal.SIGUSR1, _ignore)
-    start = time.perf_counter()
-    disturber = Disturber(storm=action == "signal", migrate=migrate)
-    arena = None
-    tmpdir = None
-    try:
-        _configure_injection(_inject, point, loops, action)
+    skipped = _skip_reason(index, workers)
+    if skipped:
+        return CaseResult(name, 0, 0, 0, 0.0, skipped)
+
+    def setup(stack):
         if structure == "counter":
             counter = _inject.PerCpuCounter(index=index)
+            path = None
         else:
-            tmpdir = tempfile.mkdtemp(prefix="rseq-stress-")
-            path = os.path.join(tmpdir, "arena")
-            arena = rseq.Arena.create(path, capacity=8)
+            path = os.path.join(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="rseq-stress-")), "arena")
+            arena = stack.enter_context(rseq.Arena.create(path, capacity=8))
             arena.counter("total")
             counter = _arena_counter(_inject, arena, "total")
-        child_aborts = 0
-        disturber.start()
-        if workers == "threads":
-            def body():
-                add = counter.add
-                for i in range(reps):
-                    add(1)
-            _run_threads(nworkers, body, disturber)
-        else:
-            def child(worker):
-                add = _arena_counter(_inject, rseq.Arena.open(path), "total").add
-                for i in range(reps):
-                    add(1)
-            child_aborts = _run_processes(nworkers, child, disturber)
-        disturber.stop()
-        got = counter.value()
-        return CaseResult(name, nworkers * reps, got, _inject.aborts() + child_aborts,
-                          time.perf_counter() - start)
-    finally:
-        disturber.stop()  # idempotent; also on the error path
-        _inject.reset()
-        signal.signal(signal.SIGUSR1, old_handler)
-        if arena is not None:
-            arena.close()
-        if tmpdir:
-            for f in os.listdir(tmpdir):
-                os.unlink(os.path.join(tmpdir, f))
-            os.rmdir(tmpdir)
+
+        def work(worker, in_child):
+            # A worker process opens the arena by name, as another process would.
+            add = (_arena_counter(_inject, rseq.Arena.open(path), "total").add
+                   if in_child else counter.add)
+            for i in range(reps):
+                add(1)
+        return work, lambda: (nworkers * reps, counter.value())
+
+    return _run_case(name, point=point, action=action, loops=loops, workers=workers,
+                     nworkers=nworkers, migrate=migrate, setup=setup)
 
 
 def _arena_counter(inject, arena, key: str):
@@ -315,41 +338,24 @@ def primitive_names() -> tuple[str, ...]:
 def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
                    nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
     from . import _inject
-    import rseq
 
     name = (f"{primitive:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
-    if workers == "processes" and index == "mm_cid":
-        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid is per process")
-    if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
-        return CaseResult(name, 0, 0, 0, 0.0, "mm_cid not usable under this registration")
-    old_handler = signal.signal(signal.SIGUSR1, _ignore)
-    start = time.perf_counter()
-    disturber = Disturber(storm=action == "signal", migrate=migrate)
-    try:
-        _configure_injection(_inject, point, loops, action)
-        shared = mmap.mmap(-1, _inject.primitive_size(primitive, nworkers))
-        _inject.primitive_init(primitive, shared, nworkers)
-        child_aborts = 0
-        disturber.start()
-        if workers == "threads":
-            counter = itertools.count()
+    skipped = _skip_reason(index, workers)
+    if skipped:
+        return CaseResult(name, 0, 0, 0, 0.0, skipped)
 
-            def body():
-                _inject.primitive_run(primitive, shared, next(counter), reps, index)
-            _run_threads(nworkers, body, disturber)
-        else:
-            child_aborts = _run_processes(
-                nworkers, lambda w: _inject.primitive_run(primitive, shared, w, reps, index),
-                disturber)
-        disturber.stop()
-        expected, got = _inject.primitive_check(primitive, shared, nworkers, reps)
-        return CaseResult(name, expected, got, _inject.aborts() + child_aborts,
-                          time.perf_counter() - start)
-    finally:
-        disturber.stop()  # idempotent; also on the error path
-        _inject.reset()
-        signal.signal(signal.SIGUSR1, old_handler)
+    def setup(stack):
+        shared = mmap.mmap(-1, _inject.primitive_size(primitive, nworkers))
+        stack.callback(shared.close)
+        _inject.primitive_init(primitive, shared, nworkers)
+
+        def work(worker, in_child):
+            _inject.primitive_run(primitive, shared, worker, reps, index)
+        return work, lambda: _inject.primitive_check(primitive, shared, nworkers, reps)
+
+    return _run_case(name, point=point, action=action, loops=loops, workers=workers,
+                     nworkers=nworkers, migrate=migrate, setup=setup)
 
 
 # ---------------------------------------------------------------------------
