@@ -12,7 +12,7 @@ import pytest
 import rseq
 from helpers.build import build_capi_ext
 from helpers.subproc import OWN_REGISTRATION, run_json
-from helpers.system import usable_cpus
+from helpers.system import in_thread, usable_cpus
 
 pytestmark = pytest.mark.usefixtures("kernel_rseq")
 
@@ -36,22 +36,6 @@ def ext(capi_dir):
         sys.path.remove(capi_dir)
     capi_ext.import_api()
     return capi_ext
-
-
-def in_thread(fn):
-    box = {}
-
-    def target():
-        try:
-            box["result"] = fn()
-        except BaseException as e:
-            box["error"] = e
-    t = threading.Thread(target=target)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def test_capsule_header(ext):

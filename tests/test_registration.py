@@ -12,7 +12,7 @@ import pytest
 import rseq
 from helpers import scenarios
 from helpers.subproc import MODES, OWN_REGISTRATION, run_json
-from helpers.system import usable_cpus
+from helpers.system import in_thread, usable_cpus
 
 pytestmark = pytest.mark.usefixtures("kernel_rseq")
 
@@ -21,22 +21,7 @@ pytestmark = pytest.mark.usefixtures("kernel_rseq")
 def fresh_thread():
     """Run a function in a new thread (a fresh reference count) and return
     its result or re-raise its exception."""
-    def run(fn):
-        box = {}
-
-        def target():
-            try:
-                box["result"] = fn()
-            except BaseException as e:  # re-raised in the test's thread
-                box["error"] = e
-
-        t = threading.Thread(target=target)
-        t.start()
-        t.join()
-        if "error" in box:
-            raise box["error"]
-        return box["result"]
-    return run
+    return in_thread
 
 
 # ------------------------------------------------------------------------

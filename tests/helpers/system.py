@@ -52,3 +52,22 @@ def malloc_in_use() -> int:
     libc.mallinfo2.restype = MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd
+
+
+def in_thread(fn):
+    """Run ``fn`` in a new thread (fresh per-thread rseq state) and return
+    its result, or re-raise its exception in the caller's thread."""
+    box = {}
+
+    def target():
+        try:
+            box["result"] = fn()
+        except BaseException as e:  # re-raised in the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
