@@ -10,7 +10,6 @@ import warnings
 import pytest
 
 import rseq
-from helpers import scenarios
 from helpers.subproc import MODES, OWN_REGISTRATION, run_json
 from helpers.system import in_thread, usable_cpus
 

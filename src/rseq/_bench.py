@@ -25,9 +25,6 @@ from typing import Callable, Optional
 from . import _core
 
 
-Case = "Callable[..., object] | tuple[Callable[..., object], str]"
-
-
 def _timer(case) -> timeit.Timer:
     """A case is a callable timed as ``f()``, or ``(f, "f(1)")``: the callable
     is called directly (a bound method, a builtin), never through a wrapper

@@ -151,7 +151,7 @@ def test_preemption_inside_section_aborts_and_clears_rseq_cs():
 
     m = Machine(VARIANTS["linux-6.3"], 2)
     m.map("area", AREA, 4096, "rw")
-    t = _program_thread(m, program)
+    _program_thread(m, program)
     m.apply(("step", 1))  # rseq_cs = &cs
     m.apply(("step", 1))  # cpu_id check, now at the load inside the section
     assert m.read(AREA + 8) != 0
@@ -169,7 +169,7 @@ def test_bad_signature_kills():
 
     m = Machine(VARIANTS["linux-6.3"], 2)
     m.map("area", AREA, 4096, "rw")
-    t = _program_thread(m, program)
+    _program_thread(m, program)
     cs = m.sections["load_add_store"]
     m.rodata[cs.abort_ip - 4] = 0xDEADBEEF
     m.apply(("step", 1))
@@ -189,7 +189,7 @@ def test_membarrier_rseq_fence_aborts_other_threads():
 
     m = Machine(VARIANTS["linux-6.3"], 2)
     m.map("area", AREA, 4096, "rw")
-    t = _program_thread(m, victim)
+    _program_thread(m, victim)
     m.apply(("step", 1))
     m.apply(("step", 1))
     caller = m.add_thread("T2", None, None)
