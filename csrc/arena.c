@@ -193,13 +193,12 @@ static int pid_is_gone(uint32_t pid)
     return pid != 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH;
 }
 
-static void fill_entry(ArenaMapObject *m, uint32_t i, char *e, uint64_t ready,
-                       const char *key, uint32_t length)
+static void fill_entry(ArenaMapObject *m, char *e, uint64_t ready, const char *key,
+                       uint32_t length)
 {
     /* A stolen claim may have left a partial key and nothing else: no
      * counter slot can have been written, since only READY entries are
      * used. Zero what a dead claimant might have begun anyway. */
-    (void)m; (void)i;
     memset(e + ENTRY_KEY, 0, m->key_max);
     memcpy(e + ENTRY_KEY, key, length);
     *(uint32_t *)(e + ENTRY_KEY_LENGTH) = length;
@@ -245,7 +244,7 @@ static long find_key(ArenaMapObject *m, const char *key, uint32_t length, int cr
                 uint64_t claim = state_make(STATE_CLAIMED, h30, pid);
                 if (__atomic_compare_exchange_n(state, &s, claim, 0, __ATOMIC_ACQ_REL,
                                                 __ATOMIC_ACQUIRE)) {
-                    fill_entry(m, i, e, state_make(STATE_READY, h30, 0), key, length);
+                    fill_entry(m, e, state_make(STATE_READY, h30, 0), key, length);
                     return i;
                 }
                 continue; /* someone claimed it first: look again */
@@ -274,7 +273,7 @@ static long find_key(ArenaMapObject *m, const char *key, uint32_t length, int cr
                 uint64_t claim = state_make(STATE_CLAIMED, h30, pid);
                 if (__atomic_compare_exchange_n(state, &s, claim, 0, __ATOMIC_ACQ_REL,
                                                 __ATOMIC_ACQUIRE)) {
-                    fill_entry(m, i, e, state_make(STATE_READY, h30, 0), key, length);
+                    fill_entry(m, e, state_make(STATE_READY, h30, 0), key, length);
                     return i;
                 }
                 continue;
