@@ -2,7 +2,7 @@
  * bench_percpu.c - C-level cost of the per-CPU add beside an atomic fetch-add.
  *
  * Build and run (release build: no injection):
- *   gcc -O2 -pthread -I csrc -I src/rseq/include benchmarks/c/bench_percpu.c \
+ *   gcc -O2 -pthread -I csrc/lib -I src/rseq/include benchmarks/c/bench_percpu.c \
  *       -o /tmp/bench_percpu -ldl && /tmp/bench_percpu [iterations] [runs]
  *
  * Rows (ns per operation, median of `runs` runs; the 2-thread rows are per

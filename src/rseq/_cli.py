@@ -141,7 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "model":
         return _cmd_model(argv[1:])
     if argv and argv[0] == "stress":
-        from ._stress import main as stress_main
+        from .testing.stress import main as stress_main
         return stress_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command is None:

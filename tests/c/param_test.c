@@ -22,7 +22,7 @@
  *                records: every committed record is a whole, untorn copy and
  *                every tag appears exactly once
  *
- * Build (test build):  gcc -O2 -pthread -I csrc -I src/rseq/include \
+ * Build (test build):  gcc -O2 -pthread -I csrc/lib -I src/rseq/include \
  *                          -DRSEQ_INJECT=1 tests/c/param_test.c -o param_test -ldl
  * Exit: 0 OK, 1 FAIL (mismatch), 2 usage, 77 skipped (capability missing).
  */

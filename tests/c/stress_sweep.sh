@@ -12,7 +12,7 @@ set -eu
 REPS=${1:-50000}
 OUT=tests/_build
 mkdir -p "$OUT"
-gcc -std=gnu11 -O2 -Wall -Wextra -pthread -I csrc -I src/rseq/include -DRSEQ_INJECT=1 \
+gcc -std=gnu11 -O2 -Wall -Wextra -pthread -I csrc/lib -I src/rseq/include -DRSEQ_INJECT=1 \
     tests/c/param_test.c -o "$OUT/param_test" -ldl
 W=$(( $(nproc) * 4 ))
 run() {

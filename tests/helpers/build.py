@@ -1,4 +1,4 @@
-"""Build tests/capi_ext/capi_ext.c into a directory with gcc, the way any
+"""Build tests/integration/capi_ext/capi_ext.c into a directory with gcc, the way any
 extension using rseq's C API would compile (no setuptools needed)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sysconfig
 import rseq
 
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                      "capi_ext", "capi_ext.c")
+                      "integration", "capi_ext", "capi_ext.c")
 
 
 def build_capi_ext(out_dir: str) -> str:

@@ -180,7 +180,7 @@ def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Distur
 
     Each child reports its abort count through shared memory before leaving
     without cleanup."""
-    from . import _inject
+    from .. import _inject
     aborts = _SharedCounts(nworkers)
     pids = []
     for w in range(nworkers):
@@ -256,7 +256,7 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
     one worker's operations, ``check()`` returns ``(expected, got)``.  The
     workers run as threads or forked processes while the injection point is
     widened and a disturber signals and migrates them."""
-    from . import _inject
+    from .. import _inject
 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -282,7 +282,7 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
 
 def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
                  nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    from . import _inject
+    from .. import _inject
     import rseq
 
     name = (f"{structure:<7} point={point} action={action:<6} index={index:<6} "
@@ -331,13 +331,13 @@ def _arena_counter(inject, arena, key: str):
 # ---------------------------------------------------------------------------
 
 def primitive_names() -> tuple[str, ...]:
-    from . import _inject
+    from .. import _inject
     return tuple(_inject.PRIMITIVES)
 
 
 def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
                    nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    from . import _inject
+    from .. import _inject
 
     name = (f"{primitive:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")

@@ -19,7 +19,7 @@ from rseq import _core
 PACKAGE_DIR = os.path.dirname(rseq.__file__)
 # The checkout this test file is in (the package itself may be installed
 # elsewhere, as in CI: never look for the README next to the package).
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")
 CORE_STUB = os.path.join(PACKAGE_DIR, "_core.pyi")
 

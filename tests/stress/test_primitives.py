@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "_build"
 SOURCE = ROOT / "tests" / "c" / "param_test.c"
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread",
-          "-I", str(ROOT / "csrc"), "-I", str(ROOT / "src" / "rseq" / "include")]
+          "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "src" / "rseq" / "include")]
 
 PRIMITIVES = ["counter", "cbne", "bov", "list", "store_store", "memcpy"]
 # Windows inside the sequence (asm points) and one before it (C point 7).

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from rseq import _stress
+from rseq.testing import stress as _stress
 from helpers.subproc import OWN_REGISTRATION, run_json
 
 CASES = [
@@ -39,7 +39,7 @@ def test_mm_cid_counter_cases():
     """The mm_cid index, in a child whose own registration covers mm_cid."""
     cases = run_json("""
         import json
-        from rseq import _stress
+        from rseq.testing import stress as _stress
         out = []
         for point in (2, 3, 4):
             for action in _stress.ACTIONS:

@@ -1,6 +1,6 @@
 """librseq owns registration: rseq reads its area and never touches it.
 
-A stand-in library (tests/fake_librseq) is preloaded with glibc's
+A stand-in library (tests/integration/fake_librseq) is preloaded with glibc's
 registration switched off, the situation in which librseq registers threads
 itself and exports rseq_offset / rseq_size."""
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """rseq's C API (the rseq._core._C_API capsule) used from a compiled test
-extension, tests/capi_ext/capi_ext.c, built here with gcc."""
+extension, tests/integration/capi_ext/capi_ext.c, built here with gcc."""
 from __future__ import annotations
 
 import errno

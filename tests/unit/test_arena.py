@@ -285,7 +285,7 @@ def test_claim_of_live_creator_times_out_cleanly(path):
 
 def test_kill_test_slice():
     """100 SIGKILLs at random instants (the stress harness's kill test)."""
-    from rseq._stress import kill_test
+    from rseq.testing.stress import kill_test
     result = kill_test(kills=100, workers=3, seed=7)
     assert result.kills >= 100
     assert not result.problems

@@ -17,7 +17,8 @@ import mmap
 import pytest
 
 import rseq
-from rseq import _inject, _stress
+from rseq import _inject
+from rseq.testing import stress as _stress
 from helpers.subproc import OWN_REGISTRATION, run_json, run_rseq_cli
 
 PRIMITIVES = ("cbne", "add", "bov", "list", "store_store", "memcpy")
@@ -149,7 +150,8 @@ def test_primitive_fallback_when_seccomp_denies_rseq():
         from helpers import seccomp
         seccomp.deny_rseq(errno.EPERM)
         import rseq
-        from rseq import _inject, _stress
+        from rseq import _inject
+        from rseq.testing import stress as _stress
         out = {"critical_sections": rseq.info().critical_sections, "cases": []}
         for primitive in _inject.PRIMITIVES:
             for action in ("yield", "signal"):
