@@ -5,6 +5,7 @@ registrants, feature discovery, the current CPU / NUMA node / concurrency ID
 in one memory load), per-CPU data structures built on real critical
 sections, and an executable model of the rseq ABI (``rseq.model``).
 """
+from ._arena import Arena
 from ._core import (
     ArenaCounter,
     ArenaError,
@@ -22,7 +23,6 @@ from ._core import (
     registration_count,
     unregister,
 )
-from ._arena import Arena
 from ._info import Info, info
 from ._registration import get_include, registered
 

@@ -17,7 +17,6 @@ import mmap
 import os
 import struct
 import zlib
-from typing import Optional, Union
 
 from . import _core
 
@@ -55,7 +54,7 @@ class Layout:
     total_size: int
 
     @classmethod
-    def compute(cls, possible_cpus: int, capacity: int, key_max: int) -> "Layout":
+    def compute(cls, possible_cpus: int, capacity: int, key_max: int) -> Layout:
         entry_size = _round_up(_core.ARENA_ENTRY_HEADER + key_max, 16)
         table_offset = HEADER_SIZE
         regions_offset = _round_up(table_offset + capacity * entry_size, mmap.PAGESIZE)
@@ -116,7 +115,7 @@ def parse_header(data: bytes, file_size: int, possible_cpus: int) -> Layout:
     return found
 
 
-def _path_for(name: Union[str, os.PathLike]) -> str:
+def _path_for(name: str | os.PathLike) -> str:
     """A name without a slash lives in /dev/shm; anything else is a path."""
     text = os.fspath(name)
     if not isinstance(text, str):
@@ -161,7 +160,7 @@ class Arena:
         self._path = path
         self._layout = layout
         try:
-            self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, layout.total_size,
+            self._mmap: mmap.mmap | None = mmap.mmap(fd, layout.total_size,
                                                          mmap.MAP_SHARED)
         finally:
             os.close(fd)
@@ -172,8 +171,8 @@ class Arena:
     # -- creation and opening ------------------------------------------------
 
     @classmethod
-    def create(cls, name: Union[str, os.PathLike], *, capacity: int = DEFAULT_CAPACITY,
-               key_max: int = DEFAULT_KEY_MAX) -> "Arena":
+    def create(cls, name: str | os.PathLike, *, capacity: int = DEFAULT_CAPACITY,
+               key_max: int = DEFAULT_KEY_MAX) -> Arena:
         """Create a new arena; FileExistsError if the name is taken.
 
         ``capacity`` is the number of counters it can hold, ``key_max`` the
@@ -202,7 +201,7 @@ class Arena:
         return cls(path, fd, layout)
 
     @classmethod
-    def open(cls, name: Union[str, os.PathLike]) -> "Arena":
+    def open(cls, name: str | os.PathLike) -> Arena:
         """Map an existing arena, validating it first (ArenaFormatError)."""
         path = _path_for(name)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -216,7 +215,7 @@ class Arena:
         return cls(path, fd, layout)
 
     @staticmethod
-    def unlink(name: Union[str, os.PathLike]) -> None:
+    def unlink(name: str | os.PathLike) -> None:
         """Remove the arena's name; processes that have it open keep using it."""
         os.unlink(_path_for(name))
 
@@ -227,7 +226,7 @@ class Arena:
             raise ValueError("the arena is closed")
         return self._map
 
-    def counter(self, key: str) -> "_core.ArenaCounter":
+    def counter(self, key: str) -> _core.ArenaCounter:
         """The counter stored under ``key`` (str), created at zero if absent.
 
         ArenaFullError when the arena has no room for a new key.
@@ -237,7 +236,7 @@ class Arena:
         index = arena_map.find(data, True)
         return arena_map.counter(index, key)
 
-    def get(self, key: str) -> Optional["_core.ArenaCounter"]:
+    def get(self, key: str) -> _core.ArenaCounter | None:
         """The counter stored under ``key``, or None if there is none."""
         arena_map = self._live_map()
         index = arena_map.find(_encode_key(key, self._layout.key_max), False)
@@ -245,13 +244,13 @@ class Arena:
 
     def keys(self) -> list[str]:
         """The keys of the counters in the arena, in table order."""
-        return [key.decode("utf-8", "replace") for _, key in self._live_map().keys()]
+        return [key.decode("utf-8", "replace") for _, key in self._live_map()]
 
     def values(self) -> dict[str, int]:
         """Every counter's value, by key."""
         arena_map = self._live_map()
         out = {}
-        for index, raw in arena_map.keys():
+        for index, raw in arena_map:
             key = raw.decode("utf-8", "replace")
             out[key] = arena_map.counter(index, key).value()
         return out
@@ -293,7 +292,7 @@ class Arena:
         self._map = None
         self._mmap = None
 
-    def __enter__(self) -> "Arena":
+    def __enter__(self) -> Arena:
         return self
 
     def __exit__(self, *exc) -> None:

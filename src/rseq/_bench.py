@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import timeit
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from . import _core
 
@@ -56,7 +56,7 @@ def _ctypes_sched_getcpu() -> Callable[[], int]:
     return fn
 
 
-def _psutil_cpu_num() -> Optional[Callable[[], int]]:
+def _psutil_cpu_num() -> Callable[[], int] | None:
     try:
         import psutil
     except ImportError:
@@ -114,7 +114,7 @@ print(json.dumps([timer.timeit(n) / n * 1e9 for _ in range(int(sys.argv[2]))]))
 """
 
 
-def _prometheus_multiprocess_inc(rounds: int, seconds: float) -> Optional[float]:
+def _prometheus_multiprocess_inc(rounds: int, seconds: float) -> float | None:
     """prometheus_client's multiprocess Counter.inc(), which must be set up
     before the package is imported: measured in a child of this run."""
     try:
@@ -286,7 +286,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 3.2 * len(results)), squeeze=False)
-    for ax, (name, result) in zip(axes[:, 0], results.items()):
+    for ax, (_name, result) in zip(axes[:, 0], results.items()):
         labels = list(result["ns"])
         values = [result["ns"][k] for k in labels]
         colors = ["#888888" if k == result["floor"] else

@@ -1,5 +1,5 @@
 """Type stub of rseq._core, the C core (csrc/).  Use the rseq package."""
-from typing import Any, Final, Literal, Optional
+from typing import Any, Final, Literal
 
 # ---------------------------------------------------------------------------
 # Exceptions (their __module__ is "rseq")

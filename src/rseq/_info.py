@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 from . import _core
 
@@ -27,9 +26,9 @@ class Info:
     alignment: int
     #: Who registered the calling thread: "glibc", "librseq", "rseq" (this
     #: package) or None (the thread runs on the fallback).
-    owner: Optional[str]
+    owner: str | None
     #: Who owns registration in this process (None if nobody can).
-    process_owner: Optional[str]
+    process_owner: str | None
     #: Length of the thread's registration in bytes (0 on the fallback).
     registered_size: int
     #: min(registered length as its owner reports it, kernel feature size).
@@ -37,15 +36,15 @@ class Info:
     #: Names of the struct rseq fields that lie inside ``usable_size``.
     fields: tuple[str, ...]
     #: Address of the thread's struct rseq, or None.
-    area_address: Optional[int]
+    area_address: int | None
     #: The signature abort handlers must carry (0x53053053 on x86).
     signature: int
     #: Number of possible CPU ids (highest possible CPU + 1).
     possible_cpus: int
     #: None, or why the calling thread uses the fallback path.
-    fallback: Optional[str]
+    fallback: str | None
     #: errno name of the failed registration behind ``fallback``, or None.
-    fallback_errno: Optional[str]
+    fallback_errno: str | None
     #: The calling thread's ``rseq.register()`` reference count.
     registration_count: int
     #: Time-slice extension advertised in the area's flags (Linux 7.0).

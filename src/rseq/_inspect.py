@@ -6,7 +6,6 @@ import dataclasses
 import errno
 import os
 import time
-from typing import Optional
 
 from . import _core
 
@@ -25,7 +24,7 @@ class ThreadRegistration:
     signature: int
     flags: int
     #: None, or why this thread could not be read (it exited meanwhile).
-    error: Optional[str] = None
+    error: str | None = None
 
     @property
     def registered(self) -> bool:
@@ -43,7 +42,7 @@ def _thread_name(pid: int, tid: int) -> str:
         return "?"
 
 
-def _task_state(pid: int, tid: int) -> Optional[str]:
+def _task_state(pid: int, tid: int) -> str | None:
     """The one-letter state of a thread ("R", "S", "Z", ...), or None."""
     try:
         with open(f"/proc/{pid}/task/{tid}/stat") as f:

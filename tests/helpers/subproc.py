@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Any, Optional
+from typing import Any
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ GLIBC_REGISTRATION: dict[str, str] = {}
 MODES = {"glibc": GLIBC_REGISTRATION, "own": OWN_REGISTRATION}
 
 
-def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
     env["PYTHONPATH"] = os.pathsep.join(
         [TESTS_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -30,7 +30,7 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     return env
 
 
-def run_python(code: str, *, env: Optional[dict[str, str]] = None,
+def run_python(code: str, *, env: dict[str, str] | None = None,
                args: tuple[str, ...] = (), timeout: float = 60,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run ``code`` (dedented) in ``sys.executable`` with ``tests/`` on the path."""
@@ -51,7 +51,7 @@ def run_json(code: str, **kwargs: Any) -> Any:
     return json.loads(lines[-1])
 
 
-def run_rseq_cli(*argv: str, env: Optional[dict[str, str]] = None,
+def run_rseq_cli(*argv: str, env: dict[str, str] | None = None,
                  timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m rseq ARGV...``; never raises for the exit status."""
     return subprocess.run([sys.executable, "-m", "rseq", *argv], env=child_env(env),

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rseq.model import VARIANTS, Context, Machine, Syscall
-from rseq.model import _abi
+from rseq.model import VARIANTS, Context, Machine, Syscall, _abi
 from rseq.model._machine import Killed
 
 SIG = _abi.SIGNATURE_X86

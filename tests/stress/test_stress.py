@@ -17,9 +17,9 @@ import mmap
 import pytest
 
 import rseq
+from helpers.subproc import OWN_REGISTRATION, run_json, run_rseq_cli
 from rseq import _inject
 from rseq.testing import stress as _stress
-from helpers.subproc import OWN_REGISTRATION, run_json, run_rseq_cli
 
 PRIMITIVES = ("cbne", "add", "bov", "list", "store_store", "memcpy")
 

@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from rseq.testing import stress as _stress
 from helpers.subproc import OWN_REGISTRATION, run_json
+from rseq.testing import stress as _stress
 
 CASES = [
     dict(structure=structure, point=point, action=action, workers=workers)
@@ -50,7 +50,7 @@ def test_mm_cid_counter_cases():
         print(json.dumps(out))
     """, env=OWN_REGISTRATION, timeout=120)
     assert len(cases) == 9
-    for name, ok, expected, got, aborts, skipped in cases:
+    for name, ok, expected, got, _aborts, skipped in cases:
         assert skipped is None, name
         assert ok and expected == got == 6000, name
     assert sum(c[4] for c in cases) > 0

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rseq
-from rseq import _arena
 from helpers.subproc import OWN_REGISTRATION, run_json
+from rseq import _arena
 
 POSSIBLE = rseq.info().possible_cpus
 
@@ -159,7 +159,7 @@ def test_spawned_processes_share_counters(path):
             p.join()
             assert p.exitcode == 0
         assert a.counter("shared").value() == 200000
-        assert len([k for k in a.keys() if k.startswith("pid-")]) == 4
+        assert len([k for k in a if k.startswith("pid-")]) == 4
 
 
 def _creator(path, keys, barrier):
@@ -385,9 +385,8 @@ def test_corrupt_entries_are_reported(path):
     with open(path, "r+b") as f:
         f.seek(entry)
         f.write(struct.pack("<Q", 3 << 62))  # an unknown state
-    with rseq.Arena.open(path) as a:
-        with pytest.raises(rseq.ArenaFormatError, match="corrupt"):
-            a.counter("good")
+    with rseq.Arena.open(path) as a, pytest.raises(rseq.ArenaFormatError, match="corrupt"):
+        a.counter("good")
 
 
 def test_layout_checked_again_in_c(path):

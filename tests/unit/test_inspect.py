@@ -242,6 +242,7 @@ def test_kernel_without_the_ptrace_request(threaded_child, monkeypatch, capsys):
     """Before Linux 5.13 the kernel answers EIO to PTRACE_GET_RSEQ_CONFIGURATION.
     This kernel has the request, so its answer is simulated at the C boundary."""
     import errno
+
     from rseq import _cli
 
     def old_kernel(tid):

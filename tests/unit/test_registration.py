@@ -100,7 +100,7 @@ def test_unregister_not_owned_warns_and_keeps_glibc_area(glibc_mode, fresh_threa
             warnings.simplefilter("always")
             released = rseq.unregister()
         after = rseq.info()
-        reads = {cpu: None for cpu in cpus}
+        reads = dict.fromkeys(cpus)
         for cpu in cpus:
             import os
             os.sched_setaffinity(threading.get_native_id(), {cpu})

@@ -13,8 +13,9 @@ by different schedules are recognised.
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from . import _abi
 from ._program import (
@@ -152,10 +153,7 @@ class Thread:
         cls = type(step)
         if cls is Load or cls is Store:
             addr = step.addr
-            for start, end in self.private:
-                if start <= addr < end:
-                    return True
-            return False
+            return any(start <= addr < end for start, end in self.private)
         if cls is Choose:
             return True
         if cls is Syscall:

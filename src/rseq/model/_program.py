@@ -17,8 +17,9 @@ The per-CPU primitives are named after their pseudo-code like the C core's
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any
 
 from . import _abi
 

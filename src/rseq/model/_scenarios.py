@@ -8,8 +8,9 @@ so the explorer can hash it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from . import _abi
 from ._machine import TLS_BASE, Machine
@@ -551,7 +552,7 @@ def new_registrant(ctx: Context):
 
 def _interposed_check(m: Machine, info) -> str | None:
     neighbour = m.threads[0].ctx.get("neighbour")
-    for addr, size, fname, tid in m.kernel_writes:
+    for addr, _size, fname, _tid in m.kernel_writes:
         if neighbour <= addr < neighbour + 16:
             return (
                 f"the kernel wrote {fname} at __rseq_abi+{addr - neighbour + _abi.ORIG_SIZE}, past the "

@@ -45,7 +45,7 @@ class Variant:
     kernel_owned_area = False
     options: dict[str, Any] = {}
 
-    def with_options(self, **options) -> "Variant":
+    def with_options(self, **options) -> Variant:
         clone = copy.copy(self)
         clone.options = {**self.options, **options}
         return clone

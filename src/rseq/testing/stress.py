@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 ACTIONS = ("yield", "signal", "sleep")
 # Injection points (inject.h) that each structure passes through: 1-4 inside
@@ -60,7 +60,7 @@ class CaseResult:
     got: int
     aborts: int
     seconds: float
-    skipped: Optional[str] = None
+    skipped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -117,7 +117,7 @@ class Disturber:
         self._map = mmap.mmap(-1, 8 * (1 + 2 * self.MAX_TARGETS))
         self._view = memoryview(self._map).cast("q")
         self._lock = threading.Lock()
-        self._pid: Optional[int] = None
+        self._pid: int | None = None
 
     def add_thread(self, tid: int) -> None:
         self._add(self._THREAD, tid)
@@ -236,7 +236,7 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
         t.join()
 
 
-def _skip_reason(index: str, workers: str) -> Optional[str]:
+def _skip_reason(index: str, workers: str) -> str | None:
     """Why an index mode cannot run with this kind of worker, or None."""
     import rseq
     if workers == "processes" and index == "mm_cid":
@@ -282,8 +282,9 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
 
 def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
                  nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    from .. import _inject
     import rseq
+
+    from .. import _inject
 
     name = (f"{structure:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
@@ -308,7 +309,7 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
             # A worker process opens the arena by name, as another process would.
             add = (_arena_counter(_inject, rseq.Arena.open(path), "total").add
                    if in_child else counter.add)
-            for i in range(reps):
+            for _i in range(reps):
                 add(1)
         return work, lambda: (nworkers * reps, counter.value())
 
@@ -533,7 +534,7 @@ def _mm_cid_child(quick: bool, as_json: bool) -> list[dict]:
     return json.loads(proc.stdout)["cases"]
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rseq stress",
                                      description="The per-CPU stress matrix and kill test.")
     parser.add_argument("--quick", action="store_true",
