@@ -244,13 +244,13 @@ class Arena:
 
     def keys(self) -> list[str]:
         """The keys of the counters in the arena, in table order."""
-        return [key.decode("utf-8", "replace") for _, key in self._live_map()]
+        return [key.decode("utf-8", "replace") for _, key in self._live_map().keys()]
 
     def values(self) -> dict[str, int]:
         """Every counter's value, by key."""
         arena_map = self._live_map()
         out = {}
-        for index, raw in arena_map:
+        for index, raw in arena_map.keys():
             key = raw.decode("utf-8", "replace")
             out[key] = arena_map.counter(index, key).value()
         return out

@@ -159,7 +159,7 @@ def test_spawned_processes_share_counters(path):
             p.join()
             assert p.exitcode == 0
         assert a.counter("shared").value() == 200000
-        assert len([k for k in a if k.startswith("pid-")]) == 4
+        assert len([k for k in a.keys() if k.startswith("pid-")]) == 4
 
 
 def _creator(path, keys, barrier):

@@ -10,6 +10,7 @@ import threading
 import pytest
 
 import rseq
+from helpers import scenarios  # noqa: F401  (the eval below names it)
 from helpers.subproc import MODES, OWN_REGISTRATION, run_json, run_python
 from helpers.system import node_of_cpu, signal_mask, usable_cpus
 
