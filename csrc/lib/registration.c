@@ -18,12 +18,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_rseq
-#if defined(__x86_64__)
-#define SYS_rseq 334
-#endif
-#endif
-
 __thread struct rseq_abi *rseq_tls_area __attribute__((tls_model("initial-exec")));
 static __thread struct rseq_thread *rseq_tls_thread __attribute__((tls_model("initial-exec")));
 
@@ -37,8 +31,8 @@ static pthread_key_t thread_key;
 
 int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature)
 {
-#ifdef SYS_rseq
-    long ret = syscall(SYS_rseq, area, length, flags, signature);
+#ifdef RSEQ_SYS_RSEQ
+    long ret = syscall(RSEQ_SYS_RSEQ, area, length, flags, signature);
     return ret == 0 ? 0 : -errno;
 #else
     (void)area; (void)length; (void)flags; (void)signature;

@@ -17,7 +17,12 @@
 #include "counter_type.h"
 #include "inject.h"
 #include "primitive_workers.h"
+#include "rseq/abi.h"
 #include "rseq/capi.h"
+#include "workload.h"
+
+#include <errno.h>
+#include <unistd.h>
 
 RSEQ_INJECT_DEFINE_GLOBALS
 
@@ -86,7 +91,64 @@ static PyObject *py_reset(PyObject *module, PyObject *Py_UNUSED(unused))
     Py_RETURN_NONE;
 }
 
+static PyObject *py_rseq_syscall(PyObject *module, PyObject *args)
+{
+    (void)module;
+    unsigned long long address;
+    unsigned int length, signature;
+    int flags;
+    long ret;
+    if (!PyArg_ParseTuple(args, "KIiI:rseq_syscall", &address, &length, &flags, &signature))
+        return NULL;
+#ifdef RSEQ_SYS_RSEQ
+    Py_BEGIN_ALLOW_THREADS
+    ret = syscall(RSEQ_SYS_RSEQ, (void *)(uintptr_t)address, length, flags, signature);
+    if (ret != 0)
+        ret = -errno;
+    Py_END_ALLOW_THREADS
+#else
+    (void)address; (void)length; (void)flags; (void)signature;
+    ret = -ENOSYS;
+#endif
+    return PyLong_FromLong(ret);
+}
+
+/* INJECTION_POINTS: {structure: (point, ...)} from workload.h's table. */
+static int add_injection_points(PyObject *module)
+{
+    PyObject *table = PyDict_New();
+    if (!table)
+        return -1;
+    for (size_t i = 0; i < workload_points_count; i++) {
+        PyObject *points = PyList_New(0);
+        int ok = points != NULL;
+        for (int p = 1; ok && p < RSEQ_INJECT_POINTS; p++) {
+            if (!(workload_points[i].mask & (1u << p)))
+                continue;
+            PyObject *n = PyLong_FromLong(p);
+            ok = n && PyList_Append(points, n) == 0;
+            Py_XDECREF(n);
+        }
+        PyObject *tuple = ok ? PyList_AsTuple(points) : NULL;
+        Py_XDECREF(points);
+        if (!tuple || PyDict_SetItemString(table, workload_points[i].name, tuple) < 0) {
+            Py_XDECREF(tuple);
+            Py_DECREF(table);
+            return -1;
+        }
+        Py_DECREF(tuple);
+    }
+    int ret = PyModule_AddObjectRef(module, "INJECTION_POINTS", table);
+    Py_DECREF(table);
+    return ret;
+}
+
 static PyMethodDef module_methods[] = {
+    {"rseq_syscall", py_rseq_syscall, METH_VARARGS,
+     "rseq_syscall(address, length, flags, signature, /)\n--\n\n"
+     "The raw rseq(2) system call: returns 0 or -errno, never raises for the\n"
+     "call's own failure.  For conformance tests: registering or unregistering\n"
+     "memory this way bypasses every safety of the package."},
     {"set_loops", py_set_loops, METH_VARARGS,
      "set_loops(point, loops, /)\n--\n\nSpin count of injection point 1..9 (0: off)."},
     {"get_loops", py_get_loops, METH_NOARGS, "get_loops()\n--\n\nSpin counts by point."},
@@ -117,7 +179,7 @@ static int module_exec(PyObject *module)
 #undef TAKE
     Py_DECREF(core);
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0
-        || rseq_primitive_add_constants(module) < 0)
+        || rseq_primitive_add_constants(module) < 0 || add_injection_points(module) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "POINTS", RSEQ_INJECT_POINTS) < 0
         || PyModule_AddIntConstant(module, "MODE_YIELD", RSEQ_INJECT_MODE_YIELD) < 0
