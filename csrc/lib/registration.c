@@ -29,7 +29,8 @@ static pthread_key_t thread_key;
  * The system call
  * ------------------------------------------------------------------------ */
 
-int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature)
+/* rseq(2) itself: 0 or -errno. */
+static int sys_rseq(void *area, uint32_t length, int flags, uint32_t signature)
 {
 #ifdef RSEQ_SYS_RSEQ
     long ret = syscall(RSEQ_SYS_RSEQ, area, length, flags, signature);
@@ -48,7 +49,7 @@ static int rseq_syscall_signals_blocked(void *area, uint32_t length, int flags)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int ret = rseq_syscall(area, length, flags, RSEQ_SIG);
+    int ret = sys_rseq(area, length, flags, RSEQ_SIG);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return ret;
 }
@@ -67,7 +68,7 @@ static void process_discover(void)
 
     /* rseq(NULL, 0, 0, 0): EINVAL when the kernel has rseq, ENOSYS when it
      * does not (or a seccomp filter says so), EPERM under a denying filter. */
-    int probe = rseq_syscall(NULL, 0, 0, 0);
+    int probe = sys_rseq(NULL, 0, 0, 0);
     process.kernel = probe == -ENOSYS ? 0 : probe == -EPERM ? -1 : 1;
     process.probe_errno = -probe;
 
@@ -358,13 +359,6 @@ int rseq_thread_unregister(int *not_owned)
         return 0;
     int ret = release_own_area(t);
     return ret == 0 ? 1 : ret;
-}
-
-void rseq_thread_set_refcount(uint32_t count)
-{
-    struct rseq_thread *t = rseq_thread_get();
-    if (t)
-        t->refcount = count;
 }
 
 /* ------------------------------------------------------------------------

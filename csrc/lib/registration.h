@@ -94,15 +94,9 @@ struct rseq_thread *rseq_thread_peek(void);
 int rseq_thread_register(void);
 int rseq_thread_unregister(int *not_owned);
 
-/* Tests only: make the reference count reach its limit quickly. */
-void rseq_thread_set_refcount(uint32_t count);
-
 /* The slow path of the reads: fallback to the vDSO / system call. */
 int rseq_fallback_cpu(void);
 int rseq_fallback_node(void);
-
-/* rseq(2) itself: 0 or -errno. */
-int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature);
 
 const char *rseq_owner_name(enum rseq_owner owner);
 const char *rseq_fallback_reason(const struct rseq_thread *thread);

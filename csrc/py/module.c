@@ -184,20 +184,6 @@ static PyObject *py_registration_count(PyObject *module, PyObject *Py_UNUSED(unu
     return PyLong_FromUnsignedLong(t ? t->refcount : 0);
 }
 
-static PyObject *py_set_refcount(PyObject *module, PyObject *arg)
-{
-    (void)module;
-    unsigned long count = PyLong_AsUnsignedLong(arg);
-    if (count == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (count > UINT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "count must fit in 32 bits");
-        return NULL;
-    }
-    rseq_thread_set_refcount((uint32_t)count);
-    Py_RETURN_NONE;
-}
-
 /* ------------------------------------------------------------------------
  * Feature discovery
  * ------------------------------------------------------------------------ */
@@ -538,9 +524,6 @@ static PyMethodDef module_methods[] = {
     {"unregister", py_unregister, METH_NOARGS, unregister_doc},
     {"registration_count", py_registration_count, METH_NOARGS, registration_count_doc},
     {"info_dict", py_info_dict, METH_NOARGS, info_dict_doc},
-    {"_set_registration_count", py_set_refcount, METH_O,
-     "_set_registration_count($module, count, /)\n--\n\n"
-     "Tests only: set the calling thread's reference count."},
     RSEQ_INSPECT_METHODS
     RSEQ_BENCH_METHODS
     {NULL, NULL, 0, NULL},

@@ -22,7 +22,11 @@
 #include "workload.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <pthread.h>
 #include <unistd.h>
+
+#include "registration.h"
 
 RSEQ_INJECT_DEFINE_GLOBALS
 
@@ -113,6 +117,76 @@ static PyObject *py_rseq_syscall(PyObject *module, PyObject *args)
     return PyLong_FromLong(ret);
 }
 
+/* ---------------------------------------------------------------------------
+ * _set_registration_count: the release module exports no such hook, so the
+ * test build finds rseq._core's per-thread state (struct rseq_thread of
+ * registration.h, reached through the pthread key registration.c stores it
+ * under) by watching which candidate the C API's register_thread() moves.
+ * ------------------------------------------------------------------------- */
+
+#define KEY_SCAN PTHREAD_KEYS_MAX
+
+/* The keys whose value looks like this thread's state: same area, same
+ * usable size as the C API reports.  Fills refcounts; returns how many. */
+static int state_candidates(struct rseq_abi *area, uint32_t size, pthread_key_t *keys,
+                            uint32_t *refcounts)
+{
+    int n = 0;
+    for (pthread_key_t k = 0; k < KEY_SCAN; k++) {
+        const struct rseq_thread *t = pthread_getspecific(k);
+        if (t && t->area == area && t->usable_size == size) {
+            keys[n] = k;
+            refcounts[n++] = t->refcount;
+        }
+    }
+    return n;
+}
+
+static PyObject *py_set_registration_count(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    pthread_key_t keys[KEY_SCAN], found_keys[KEY_SCAN];
+    uint32_t before[KEY_SCAN], after[KEY_SCAN];
+    unsigned long count = PyLong_AsUnsignedLong(arg);
+    if (count == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    if (count > UINT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "count must fit in 32 bits");
+        return NULL;
+    }
+    struct rseq_abi *area = rseq_client_api->thread_area();
+    uint32_t size = rseq_client_api->thread_area_size();
+    if (!area) {
+        PyErr_SetString(PyExc_RuntimeError, "this thread has no rseq area");
+        return NULL;
+    }
+    int n = state_candidates(area, size, keys, before);
+    /* One register() moves the state's count by +1; at the limit, one
+     * unregister() moves it by -1 (and releases nothing: the count stays
+     * far above zero). */
+    int up = rseq_client_api->register_thread() == 0;
+    if (!up && rseq_client_api->unregister_thread() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "register() and unregister() both failed");
+        return NULL;
+    }
+    int m = state_candidates(area, size, found_keys, after);
+    struct rseq_thread *state = NULL;
+    int matches = 0;
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < m; j++)
+            if (keys[i] == found_keys[j] && after[j] == before[i] + (up ? 1u : -1u)) {
+                state = pthread_getspecific(keys[i]);
+                matches++;
+            }
+    if (matches != 1) {
+        PyErr_Format(PyExc_RuntimeError, "rseq._core's thread state not found (%d candidates)",
+                     matches);
+        return NULL;
+    }
+    state->refcount = (uint32_t)count;
+    Py_RETURN_NONE;
+}
+
 /* INJECTION_POINTS: {structure: (point, ...)} from workload.h's table. */
 static int add_injection_points(PyObject *module)
 {
@@ -144,6 +218,10 @@ static int add_injection_points(PyObject *module)
 }
 
 static PyMethodDef module_methods[] = {
+    {"_set_registration_count", py_set_registration_count, METH_O,
+     "_set_registration_count(count, /)\n--\n\n"
+     "Tests only: set the calling thread's register() reference count in\n"
+     "rseq._core (which exports no such hook), to reach its limit quickly."},
     {"rseq_syscall", py_rseq_syscall, METH_VARARGS,
      "rseq_syscall(address, length, flags, signature, /)\n--\n\n"
      "The raw rseq(2) system call: returns 0 or -errno, never raises for the\n"

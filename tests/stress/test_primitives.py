@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from rseq import _inject
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "_build"
 SOURCE = ROOT / "tests" / "c" / "param_test.c"
@@ -26,10 +28,21 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread",
           "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "src" / "rseq" / "include")]
 
 PRIMITIVES = ["counter", "cbne", "bov", "list", "store_store", "memcpy"]
-# Windows inside the sequence (asm points) and one before it (C point 7).
-POINTS = {"counter": [1, 2, 3, 4, 7], "cbne": [1, 2, 3, 4, 7], "bov": [1, 2, 3, 4, 7],
-          "list": [1, 2, 3, 4, 8], "store_store": [1, 2, 3, 4, 8],
-          "memcpy": [1, 2, 3, 4, 5, 8]}
+# param_test's name of each primitive in the injection-point table.
+TABLE_NAME = {"counter": "add"}
+# Every window inside the sequence (the asm points of the table) and one C
+# window before it: 7 (after the index read) for the counting primitives, 8
+# (after the C read of the list head or log length) for the others.
+C_WINDOW = {"counter": 7, "cbne": 7, "bov": 7, "list": 8, "store_store": 8, "memcpy": 8}
+
+
+def _points(primitive: str) -> list[int]:
+    passed = _inject.INJECTION_POINTS[TABLE_NAME.get(primitive, primitive)]
+    assert C_WINDOW[primitive] in passed
+    return [p for p in passed if p < 7] + [C_WINDOW[primitive]]
+
+
+POINTS = {p: _points(p) for p in PRIMITIVES}
 DISTURBANCES = {
     "yield": ["-y", "-e", "20"],
     "signal_storm": ["-S", "5"],

@@ -12,6 +12,7 @@ import pytest
 import rseq
 from helpers.subproc import MODES, OWN_REGISTRATION, run_json
 from helpers.system import in_thread, usable_cpus
+from rseq import _inject
 
 pytestmark = pytest.mark.usefixtures("kernel_rseq")
 
@@ -74,7 +75,7 @@ def test_counts_are_per_thread(glibc_mode, fresh_thread):
 
 def test_overflow_leaves_count_unchanged(glibc_mode, fresh_thread):
     def body():
-        rseq._core._set_registration_count(2**32 - 2)
+        _inject._set_registration_count(2**32 - 2)
         last = rseq.register()
         try:
             rseq.register()
@@ -83,7 +84,7 @@ def test_overflow_leaves_count_unchanged(glibc_mode, fresh_thread):
         else:
             error = None
         after = rseq.registration_count()
-        rseq._core._set_registration_count(0)
+        _inject._set_registration_count(0)
         return last, error, after
     last, error, after = fresh_thread(body)
     assert last == 2**32 - 1
@@ -149,6 +150,7 @@ def test_own_registration_reference_counts():
     got = run_json("""
         import json, os, threading, warnings
         import rseq
+        from rseq import _inject
         from helpers.scenarios import pinned_cpu_reads
         warnings.simplefilter("error")
         out = {}
@@ -183,7 +185,7 @@ def test_own_registration_reference_counts():
         out["last"] = rseq.unregister()
         # overflow
         rseq.register()
-        rseq._core._set_registration_count(2**32 - 1)
+        _inject._set_registration_count(2**32 - 1)
         try:
             rseq.register()
         except OverflowError:
