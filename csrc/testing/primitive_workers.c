@@ -19,6 +19,9 @@
 #include "thread_area.h"
 #include "workload.h"
 
+/* The stress command's choices: see WORKLOAD_DEFAULTS. */
+static const struct workload_options defaults = WORKLOAD_DEFAULTS;
+
 /* ---------------------------------------------------------------------------
  * Argument validation
  * ------------------------------------------------------------------------- */
@@ -85,7 +88,8 @@ static struct prim_header *state_open(Py_buffer *view, int kind, int nworkers)
                      hdr->layout.nslots, rseq_possible_cpus());
         return NULL;
     }
-    layout_compute(&want, (enum prim_kind)kind, hdr->layout.nworkers, hdr->layout.nslots);
+    layout_compute(&want, (enum prim_kind)kind, hdr->layout.nworkers, hdr->layout.nslots,
+                   &defaults);
     if (memcmp(&want, &hdr->layout, sizeof(want)) != 0) {
         PyErr_SetString(PyExc_ValueError, "primitive state layout is corrupt");
         return NULL;
@@ -120,7 +124,7 @@ PyObject *rseq_py_primitive_size(PyObject *module, PyObject *args)
     if ((kind = kind_from_name(name)) < 0 || check_nworkers(nworkers) < 0)
         return NULL;
     layout_compute(&lay, (enum prim_kind)kind, (uint32_t)nworkers,
-                   (uint32_t)rseq_possible_cpus());
+                   (uint32_t)rseq_possible_cpus(), &defaults);
     return PyLong_FromUnsignedLongLong(lay.size);
 }
 
@@ -143,7 +147,7 @@ PyObject *rseq_py_primitive_init(PyObject *module, PyObject *args)
     if ((kind = kind_from_name(name)) < 0 || check_nworkers(nworkers) < 0)
         goto fail;
     layout_compute(&lay, (enum prim_kind)kind, (uint32_t)nworkers,
-                   (uint32_t)rseq_possible_cpus());
+                   (uint32_t)rseq_possible_cpus(), &defaults);
     if ((uintptr_t)view.buf % CACHELINE != 0) {
         PyErr_SetString(PyExc_ValueError, "buffer is not 64-byte aligned (use an mmap)");
         goto fail;

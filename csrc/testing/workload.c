@@ -32,7 +32,7 @@ const size_t workload_points_count = sizeof(workload_points) / sizeof(workload_p
 static uint64_t round_up(uint64_t n, uint64_t to) { return (n + to - 1) / to * to; }
 
 void layout_compute(struct prim_layout *lay, enum prim_kind kind, uint32_t nworkers,
-                           uint32_t nslots)
+                    uint32_t nslots, const struct workload_options *options)
 {
     uint64_t cells;
 
@@ -40,6 +40,11 @@ void layout_compute(struct prim_layout *lay, enum prim_kind kind, uint32_t nwork
     lay->kind = kind;
     lay->nworkers = nworkers;
     lay->nslots = nslots;
+    lay->inc = options->inc;
+    lay->bov_start = options->bov_start;
+    lay->bov_drain = options->bov_drain;
+    lay->log_ring = options->log_ring;
+    lay->keep_log = options->keep_log != 0;
     lay->cells_offset = round_up(sizeof(struct prim_header), CACHELINE);
     switch (kind) {
     case PRIM_LIST:
@@ -49,7 +54,7 @@ void layout_compute(struct prim_layout *lay, enum prim_kind kind, uint32_t nwork
         break;
     case PRIM_STORE_STORE:
     case PRIM_MEMCPY:
-        lay->cell_size = round_up(LOG_RING_OFFSET + (uint64_t)LOG_RING
+        lay->cell_size = round_up(LOG_RING_OFFSET + lay->log_ring
                                   * (kind == PRIM_MEMCPY ? RECORD_STRIDE : sizeof(intptr_t)),
                                   CACHELINE);
         lay->aux_size = sizeof(struct tally);
@@ -127,10 +132,11 @@ uint64_t entry_tag(enum prim_kind kind, const unsigned char *entry)
     return memcmp(expect, rec, RECORD_LEN) == 0 ? tag : 0;
 }
 
-static inline unsigned char *log_entry(char *cell, enum prim_kind kind, intptr_t k)
+static inline unsigned char *log_entry(const struct prim_layout *lay, char *cell, intptr_t k)
 {
-    size_t entry_size = kind == PRIM_MEMCPY ? RECORD_STRIDE : sizeof(intptr_t);
-    return (unsigned char *)cell + LOG_RING_OFFSET + (size_t)(k % LOG_RING) * entry_size;
+    size_t entry_size = lay->kind == PRIM_MEMCPY ? RECORD_STRIDE : sizeof(intptr_t);
+    return (unsigned char *)cell + LOG_RING_OFFSET
+           + (size_t)((uint64_t)k % lay->log_ring) * entry_size;
 }
 
 /* Add a committed entry's tag to its worker's tally (shared: atomics). */
@@ -171,10 +177,15 @@ static inline void *worker_cell(struct worker *w, int index)
     return cell_at(w->base, w->lay, w->lane, (uint32_t)index);
 }
 
-static inline void note_abort(void)
+/* A C injection point, unless w runs in a signal handler (where a raise()
+ * of the point would recurse). */
+#define INJECT_C(w, n) do { if (!(w)->no_c_points) RSEQ_INJECT_C(n); } while (0)
+
+static inline void note_abort(struct worker *w)
 {
+    w->aborts++;
     RSEQ_INJECT_ABORTED();
-    RSEQ_INJECT_C(9);
+    INJECT_C(w, 9);
 }
 
 static void op_add(struct worker *w)
@@ -183,12 +194,30 @@ static void op_add(struct worker *w)
         int index = worker_index(w);
         if (index < 0)
             return;
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         struct value_cell *c = worker_cell(w, index);
-        if (rseq_percpu_load_add_store(w->rs, w->mode, &c->value, 1, index) == 0)
+        if (rseq_percpu_load_add_store(w->rs, w->mode, &c->value, w->lay->inc, index) == 0)
             return;
-        note_abort();
+        note_abort(w);
     }
+}
+
+void worker_add_once(struct worker *w)
+{
+    op_add(w);
+}
+
+void worker_add_unprotected(struct worker *w)
+{
+    int index = worker_index(w);
+    if (index < 0)
+        return;
+    volatile intptr_t *v = &((struct value_cell *)worker_cell(w, index))->value;
+    intptr_t x = *v;
+    INJECT_C(w, 8);
+    for (volatile int i = 0; i < 50; i++)
+        ;
+    *v = x + w->lay->inc;
 }
 
 static void op_cbne(struct worker *w)
@@ -197,33 +226,35 @@ static void op_cbne(struct worker *w)
         int index = worker_index(w);
         if (index < 0)
             return;
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         struct value_cell *c = worker_cell(w, index);
         intptr_t expect = __atomic_load_n(&c->value, __ATOMIC_RELAXED);
-        RSEQ_INJECT_C(8);
+        INJECT_C(w, 8);
         int ret = rseq_percpu_load_cbne_store(w->rs, w->mode, &c->value, expect, expect + 1,
                                               index);
         if (ret == 0)
             return;
         if (ret < 0)
-            note_abort();
-        /* ret 1: another writer of this index committed first; re-read */
+            note_abort(w);
+        else
+            w->cmpfails++; /* another writer of this index committed first; re-read */
     }
 }
 
 static void op_bov(struct worker *w)
 {
-    intptr_t count = 1;
+    const intptr_t inc = w->lay->inc;
+    intptr_t count = inc;
 
     for (;;) {
         int index = worker_index(w);
         if (index < 0)
             return;
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         struct value_cell *c = worker_cell(w, index);
         int ret = rseq_percpu_load_add_bov_store(w->rs, w->mode, &c->value, count, index);
         if (ret < 0) {
-            note_abort();
+            note_abort(w);
             continue;
         }
         if (ret == 0) {
@@ -234,10 +265,19 @@ static void op_bov(struct worker *w)
             note_violation(w->hdr);
             return;
         }
-        /* Refused: the cell is full.  Drain the cell we run on by then, so
-         * the cells keep crossing the limit; the operation ends there. */
+        /* Refused: the cell must be too full for one more add. */
+        w->cmpfails++;
         __atomic_fetch_add(&c->bov_refusals, 1, __ATOMIC_RELAXED);
-        count = -BOV_ROOM;
+        if (w->lay->bov_drain == 0) {
+            /* Without drains a cell never shrinks: it may only have filled
+             * further since the refusal. */
+            if (__atomic_load_n(&c->value, __ATOMIC_RELAXED) <= INTPTR_MAX - inc)
+                note_violation(w->hdr);
+            return;
+        }
+        /* Drain the cell we run on by then, so the cells keep crossing the
+         * limit; the operation ends there. */
+        count = -(intptr_t)w->lay->bov_drain;
     }
 }
 
@@ -251,9 +291,9 @@ static int list_push(struct worker *w, intptr_t node_off)
         if (index < 0)
             return -1;
         struct list_cell *l = worker_cell(w, index);
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         intptr_t expect = __atomic_load_n(&l->head, __ATOMIC_RELAXED);
-        RSEQ_INJECT_C(8);
+        INJECT_C(w, 8);
         int ret;
         if (RSEQ_PERCPU_USE_CS(w->rs)) {
             /* load head; if (head != expect) fail; node->next = head (the
@@ -269,7 +309,9 @@ static int list_push(struct worker *w, intptr_t node_off)
         if (ret == 0)
             return index;
         if (ret < 0)
-            note_abort();
+            note_abort(w);
+        else
+            w->cmpfails++;
     }
 }
 
@@ -286,14 +328,16 @@ static intptr_t list_pop(struct worker *w)
             return -1;
         struct list_cell *l = worker_cell(w, index);
         intptr_t loaded = 0;
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         int ret = rseq_percpu_load_cbeq_store_load_store(w->rs, w->mode, &l->head, 0, next_at,
                                                          &loaded, &l->pop_owner, index);
         if (ret == 0)
             return loaded;
-        if (ret > 0)
+        if (ret > 0) {
+            w->empties++;
             return 0;
-        note_abort();
+        }
+        note_abort(w);
     }
 }
 
@@ -339,20 +383,20 @@ static void op_log(struct worker *w, uint64_t tag)
         int index = worker_index(w);
         if (index < 0)
             return;
-        RSEQ_INJECT_C(7);
+        INJECT_C(w, 7);
         char *cell = worker_cell(w, index);
         struct log_cell *c = (struct log_cell *)cell;
         intptr_t len = __atomic_load_n(&c->len, __ATOMIC_ACQUIRE);
-        RSEQ_INJECT_C(8);
-        if (len < 0) {
-            note_violation(w->hdr);
+        INJECT_C(w, 8);
+        if (len < 0 || (w->lay->keep_log && (uint64_t)len >= w->lay->log_ring)) {
+            note_violation(w->hdr); /* corrupt, or a kept log is full */
             return;
         }
         /* Entry len - 1 is final once len is committed: nothing writes its
          * ring slot again before len reaches len - 1 + LOG_RING, and then the
          * compare below fails and this read is discarded. */
-        uint64_t previous = len > 0 ? entry_tag(kind, log_entry(cell, kind, len - 1)) : 0;
-        unsigned char *entry = log_entry(cell, kind, len);
+        uint64_t previous = len > 0 ? entry_tag(kind, log_entry(w->lay, cell, len - 1)) : 0;
+        unsigned char *entry = log_entry(w->lay, cell, len);
         int ret;
         if (kind == PRIM_MEMCPY)
             ret = rseq_percpu_load_cbne_memcpy_store(w->rs, w->mode, &c->len, len, entry,
@@ -368,7 +412,9 @@ static void op_log(struct worker *w, uint64_t tag)
             return;
         }
         if (ret < 0)
-            note_abort();
+            note_abort(w);
+        else
+            w->cmpfails++;
     }
 }
 
@@ -408,7 +454,7 @@ void state_init(char *base, const struct prim_layout *lay)
     case PRIM_BOV:
         for (int lane = 0; lane < LANES; lane++)
             for (uint32_t i = 0; i < lay->nslots; i++)
-                ((struct value_cell *)cell_at(base, lay, lane, i))->value = BOV_START;
+                ((struct value_cell *)cell_at(base, lay, lane, i))->value = lay->bov_start;
         break;
     case PRIM_LIST: {
         /* Nodes [lane * per_lane, (lane + 1) * per_lane) start on that lane,
@@ -449,11 +495,14 @@ static void check_bov(char *base, const struct prim_layout *lay, int64_t *got)
             int64_t adds = __atomic_load_n(&c->bov_adds, __ATOMIC_RELAXED);
             int64_t drains = __atomic_load_n(&c->bov_drains, __ATOMIC_RELAXED);
             int64_t refusals = __atomic_load_n(&c->bov_refusals, __ATOMIC_RELAXED);
-            __int128 expect = (__int128)BOV_START + adds - (__int128)BOV_ROOM * drains;
-            /* A wrapped cell is negative; a lost or doubled add moves it.
-             * A cell that fails counts against got even if it saw no
+            __int128 expect = (__int128)lay->bov_start + (__int128)lay->inc * adds
+                              - (__int128)lay->bov_drain * drains;
+            /* A wrapped cell is negative; a lost or doubled add moves it;
+             * without drains, a cell that refused adds must have no room
+             * left.  A cell that fails counts against got even if it saw no
              * operation. */
-            if (value > 0 && (__int128)value == expect)
+            int room_left = lay->bov_drain == 0 && refusals > 0 && value <= INTPTR_MAX - lay->inc;
+            if (value > 0 && (__int128)value == expect && !room_left)
                 *got += adds + refusals;
             else
                 *got -= 1;
@@ -495,6 +544,48 @@ static void check_list(char *base, const struct prim_layout *lay, int64_t *got)
     *got = found - bad;
 }
 
+/* A log that never wrapped (keep_log): every entry below each cell's
+ * committed length is a whole record (memcpy) carrying a tag of some worker's
+ * rep, each tag appears exactly once, and there are as many entries as
+ * operations.  Returns the number of faults found. */
+static int64_t check_kept_log(char *base, const struct prim_layout *lay, long long reps)
+{
+    enum prim_kind kind = (enum prim_kind)lay->kind;
+    uint64_t total = (uint64_t)lay->nworkers * (uint64_t)reps;
+    unsigned char *seen = calloc(total ? total : 1, 1);
+    int64_t bad = 0;
+    uint64_t committed = 0;
+
+    if (!seen)
+        return 1;
+    for (int lane = 0; lane < LANES; lane++) {
+        for (uint32_t i = 0; i < lay->nslots; i++) {
+            char *cell = cell_at(base, lay, lane, i);
+            intptr_t len = __atomic_load_n(&((struct log_cell *)cell)->len, __ATOMIC_RELAXED);
+            if (len < 0 || (uint64_t)len > lay->log_ring) {
+                bad++;
+                continue;
+            }
+            for (intptr_t j = 0; j < len; j++) {
+                uint64_t tag = entry_tag(kind, log_entry(lay, cell, j));
+                uint64_t worker = tag >> 32, rep = tag & UINT32_MAX;
+                if (worker == 0 || worker > lay->nworkers || rep >= (uint64_t)reps) {
+                    bad++; /* torn or foreign: the rest of this cell still counts */
+                    continue;
+                }
+                if (seen[(worker - 1) * (uint64_t)reps + rep]++)
+                    bad++; /* committed twice */
+                else
+                    committed++;
+            }
+        }
+    }
+    free(seen);
+    if (committed != total)
+        bad += 1;
+    return bad;
+}
+
 static void check_log(char *base, const struct prim_layout *lay, long long reps, int64_t *got)
 {
     enum prim_kind kind = (enum prim_kind)lay->kind;
@@ -523,7 +614,7 @@ static void check_log(char *base, const struct prim_layout *lay, long long reps,
             }
             if (len == 0)
                 continue;
-            uint64_t tag = entry_tag(kind, log_entry(cell, kind, len - 1));
+            uint64_t tag = entry_tag(kind, log_entry(lay, cell, len - 1));
             uint64_t worker = tag >> 32, rep = tag & UINT32_MAX;
             if (worker == 0 || worker > lay->nworkers) {
                 bad++;
@@ -534,6 +625,8 @@ static void check_log(char *base, const struct prim_layout *lay, long long reps,
             t[worker - 1].hash += mix(rep);
         }
     }
+    if (lay->keep_log)
+        bad += check_kept_log(base, lay, reps);
     for (long long rep = 0; rep < reps; rep++) {
         want_sum += (uint64_t)rep;
         want_hash += mix((uint64_t)rep);

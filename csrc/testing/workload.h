@@ -72,7 +72,7 @@
  * ------------------------------------------------------------------------- */
 
 #define PRIM_MAGIC UINT64_C(0x314d525051455352) /* "RSEQPRM1" in memory order */
-#define PRIM_VERSION 1
+#define PRIM_VERSION 2
 #define CACHELINE 64
 #define MAX_WORKERS 4096
 #define LANES 2              /* 0: rseq sequences, 1: fallback */
@@ -80,12 +80,11 @@
 #define LANE_FALLBACK 1
 #define NODES_PER_LIST 32    /* nodes each list of each lane starts with */
 #define STASH 4              /* nodes a list worker holds at most */
-#define LOG_RING 32          /* entries of each log cell's ring */
+#define LOG_RING 32          /* default entries of each log cell's ring */
 #define LOG_RING_OFFSET CACHELINE
 #define RECORD_LEN 37        /* 4 words + 5 tail bytes: exercises both copy loops */
 #define RECORD_STRIDE 40
-#define BOV_ROOM 64
-#define BOV_START (INTPTR_MAX - BOV_ROOM / 2)
+#define BOV_ROOM 64          /* default: a refused add drains this much */
 #define MAX_REPS ((long long)UINT32_MAX)  /* the rep number fills 32 bits of a tag */
 
 enum prim_kind { PRIM_CBNE, PRIM_ADD, PRIM_BOV, PRIM_LIST, PRIM_STORE_STORE, PRIM_MEMCPY,
@@ -97,14 +96,34 @@ struct prim_layout {
     uint32_t kind;
     uint32_t nworkers;
     uint32_t nslots;        /* cells per lane: the possible CPUs (cpu_id and mm_cid) */
-    uint32_t reserved;
+    uint32_t keep_log;      /* store_store, memcpy: the ring never wraps; every entry is
+                               checked at the end, and a full log is a violation */
     uint64_t cell_size;     /* a multiple of CACHELINE: no false sharing */
     uint64_t cells_offset;  /* cell (lane, i): cells_offset + (lane * nslots + i) * cell_size */
     uint64_t aux_offset;    /* list: the nodes; store_store, memcpy: one tally per worker */
     uint64_t aux_count;
     uint64_t aux_size;
     uint64_t size;          /* bytes of the whole state */
+    int64_t inc;            /* add, bov: what each operation adds (> 0) */
+    int64_t bov_start;      /* bov: the first value of every cell */
+    int64_t bov_drain;      /* bov: a refused add drains this much instead, then the
+                               operation ends; 0: no drain (a refusal ends it, and is
+                               only allowed on a cell with no room for inc) */
+    uint64_t log_ring;      /* store_store, memcpy: entries of each cell's ring */
 };
+
+/* The choices a harness makes; WORKLOAD_DEFAULTS are the Python stress
+ * command's (rseq._inject), param_test sets its own from its options. */
+struct workload_options {
+    int64_t inc;
+    int64_t bov_start;
+    int64_t bov_drain;
+    uint64_t log_ring;
+    int keep_log;
+};
+#define WORKLOAD_DEFAULTS ((struct workload_options){                          \
+    .inc = 1, .bov_start = INTPTR_MAX - BOV_ROOM / 2, .bov_drain = BOV_ROOM,   \
+    .log_ring = LOG_RING, .keep_log = 0})
 
 struct prim_header {
     uint64_t magic;         /* PRIM_MAGIC, written last by primitive_init */
@@ -157,6 +176,8 @@ struct worker {
     enum rseq_index_mode mode;
     int lane;
     uint32_t id;
+    int no_c_points;                /* skip the C injection points (a signal handler) */
+    long aborts, cmpfails, empties; /* this worker's -1 and 1 results, empty pops */
 };
 
 /* Injection points (inject.h) each structure passes through, as a bit mask
@@ -175,11 +196,19 @@ extern const size_t workload_points_count;
 
 /* The state: size and layout for `kind`, initialisation, validation. */
 void layout_compute(struct prim_layout *lay, enum prim_kind kind, uint32_t nworkers,
-                    uint32_t nslots);
+                    uint32_t nslots, const struct workload_options *options);
 void state_init(char *base, const struct prim_layout *lay);
 
 /* Worker w performs `reps` operations of its layout's primitive. */
 void worker_run(struct worker *w, long reps);
+
+/* One add (kind add) by w: what a signal handler of param_test runs on top
+ * of the sequence it interrupted. */
+void worker_add_once(struct worker *w);
+
+/* The same add with no sequence and no atomic: lost updates the check must
+ * catch (param_test -B proves the check can fail). */
+void worker_add_unprotected(struct worker *w);
 
 /* After every worker ran `reps` operations: returns got and sets *expected;
  * equal when the run was exact (see the cases above). */
