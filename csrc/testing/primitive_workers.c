@@ -157,7 +157,7 @@ PyObject *rseq_py_primitive_init(PyObject *module, PyObject *args)
                      view.len, name, nworkers, (unsigned long long)lay.size);
         goto fail;
     }
-    state_init(view.buf, &lay);
+    state_init(view.buf, &lay, 0);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 fail:

@@ -281,7 +281,17 @@ static void op_bov(struct worker *w)
     }
 }
 
-/* Push the node at offset node_off on the list of the current index. */
+/* Per-index LIFO lists, built on the primitives:
+ *   push: load head; store node->next = head; store head = node (commit)
+ *         = load_cbne_store_store with the head read just before;
+ *   pop:  load head; if (head == 0) fail; load next = head->next;
+ *         store head = next (commit) = load_cbeq_store_load_store.
+ * ABA-safe with rseq because the whole pop is one sequence on its own
+ * index's list: no other pop or push on that list can run in between
+ * without aborting it.  The fallback lane serialises pops on the cell's
+ * pop_owner word (robust to a killed holder, see percpu_fallback.h).
+ *
+ * Push the node at offset node_off on the list of the current index. */
 static int list_push(struct worker *w, intptr_t node_off)
 {
     struct list_node *node = (struct list_node *)(w->base + node_off);
@@ -442,11 +452,12 @@ void worker_run(struct worker *w, long reps)
  * Initialisation and checks
  * ------------------------------------------------------------------------- */
 
-void state_init(char *base, const struct prim_layout *lay)
+void state_init(char *base, const struct prim_layout *lay, int zeroed)
 {
     struct prim_header *hdr = (struct prim_header *)base;
 
-    memset(base, 0, lay->size);
+    if (!zeroed)
+        memset(base, 0, lay->size);
     hdr->version = PRIM_VERSION;
     hdr->header_size = sizeof(*hdr);
     hdr->layout = *lay;

@@ -197,7 +197,9 @@ extern const size_t workload_points_count;
 /* The state: size and layout for `kind`, initialisation, validation. */
 void layout_compute(struct prim_layout *lay, enum prim_kind kind, uint32_t nworkers,
                     uint32_t nslots, const struct workload_options *options);
-void state_init(char *base, const struct prim_layout *lay);
+/* zeroed: the buffer is known to hold only zeros (a fresh anonymous mmap),
+ * so a large kept log is left untouched until it is used. */
+void state_init(char *base, const struct prim_layout *lay, int zeroed);
 
 /* Worker w performs `reps` operations of its layout's primitive. */
 void worker_run(struct worker *w, long reps);

@@ -23,9 +23,13 @@ from rseq import _inject
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "_build"
-SOURCE = ROOT / "tests" / "c" / "param_test.c"
-CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread",
-          "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "src" / "rseq" / "include")]
+# The thin main, the workload it shares with rseq._inject, and the package's
+# registration and CPU discovery (no copy of either in the test).
+SOURCES = [ROOT / "tests" / "c" / "param_test.c", ROOT / "csrc" / "testing" / "workload.c",
+           ROOT / "csrc" / "lib" / "registration.c", ROOT / "csrc" / "lib" / "cpus.c"]
+CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
+          "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "csrc" / "testing"),
+          "-I", str(ROOT / "src" / "rseq" / "include")]
 
 PRIMITIVES = ["counter", "cbne", "bov", "list", "store_store", "memcpy"]
 # param_test's name of each primitive in the injection-point table.
@@ -58,8 +62,9 @@ pytestmark = pytest.mark.skipif(
 
 def _compile(output: Path, *extra: str) -> Path:
     BUILD.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", *CFLAGS, *extra, str(SOURCE), "-o", str(output), "-ldl"],
-                   check=True, capture_output=True, text=True)
+    proc = subprocess.run(["gcc", *CFLAGS, *extra, *map(str, SOURCES), "-o", str(output),
+                           "-ldl"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
     return output
 
 
@@ -75,7 +80,8 @@ def release_build() -> Path:
 
 @pytest.fixture(scope="session")
 def release_object() -> Path:
-    return _compile(BUILD / "param_test_release.o", "-c")
+    # One relocatable object of every source: nothing linked in from libc.
+    return _compile(BUILD / "param_test_release.o", "-r", "-nostdlib")
 
 
 @pytest.fixture(scope="session")
