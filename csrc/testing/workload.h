@@ -3,13 +3,15 @@
  * pure C: the one library behind the test build rseq._inject (its binding
  * is primitive_workers.c, for `python -m rseq stress`) and tests/c/param_test.c.
  *
- * The harness (src/rseq/_stress.py, primitive_case()) lays out a shared
- * buffer with primitive_init(), starts workers (threads, or forked processes
- * on the same MAP_SHARED mapping) that each call primitive_run() with the GIL
- * released, widens one injection point and disturbs them (yields, sleeps,
- * signal storms, migration), then asks primitive_check() for (expected, got):
- * equal when every operation was exact.  The per-operation loops and checks
- * follow tests/c/param_test.c:
+ * A harness lays out a shared buffer (layout_compute(), state_init()),
+ * starts workers (threads, or forked processes on the same MAP_SHARED
+ * mapping) that each call worker_run(), widens one injection point and
+ * disturbs them (yields, sleeps, signal storms, migration), then asks
+ * workload_check() for (expected, got): equal when every operation was
+ * exact.  The Python harness is src/rseq/testing/stress.py (primitive_case()),
+ * through primitive_workers.c; param_test drives the same calls from C and
+ * picks its own workload_options (an inc, bov without drains, a log kept
+ * whole).  With the defaults (WORKLOAD_DEFAULTS):
  *
  *   cbne         load_cbne_store used as a counter, the expected value read
  *                in C (so compare failures happen):
@@ -19,9 +21,10 @@
  *                +1, and when that is refused (the cell is full) a drain of
  *                BOV_ROOM, so the cells keep crossing the overflow limit.
  *                Each cell must hold exactly start + its committed adds -
- *                BOV_ROOM * its drains and never wrap; got = operations
- *                (adds + refusals) of the cells that pass, minus one per
- *                cell that fails
+ *                BOV_ROOM * its drains and never wrap (without drains: and
+ *                a cell that refused an add has no room for it); got =
+ *                operations (adds + refusals) of the cells that pass, minus
+ *                one per cell that fails
  *   list         pop (load_cbeq_store_load_store) then push
  *                (load_cbne_store_store), several nodes held at a time;
  *                popping a node that is already popped is a violation;
