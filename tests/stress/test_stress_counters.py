@@ -41,8 +41,7 @@ def test_mm_cid_counter_cases():
     """The mm_cid index, in a child whose own registration covers mm_cid."""
     cases = run_json("""
         import json
-        from rseq import _inject
-from rseq.testing import stress as _stress
+        from rseq.testing import stress as _stress
         out = []
         for point in (2, 3, 4):
             for action in _stress.ACTIONS:
