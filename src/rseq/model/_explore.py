@@ -214,11 +214,15 @@ def explore(
     m.reduce = reduce
     root = m.snapshot()
     root_key = m.key()
+    # visited states: key -> (parent key, move); keys are compact bytes and
+    # moves are interned, so a state costs its key and one small tuple
     parent: dict[Any, tuple] = {root_key: None}
+    interned: dict[tuple, tuple] = {}
     stack = [(root, root_key, 0)]
     transitions = terminal = depth_limited = 0
     best: tuple[list[tuple], str] | None = None
     complete = True
+    stop = False
 
     def path_to(key) -> list[tuple]:
         path = []
@@ -228,18 +232,10 @@ def explore(
         path.reverse()
         return path
 
-    while stack:
-        snap, key, depth = stack.pop()
-        m.restore(snap)
-        moves = m.choices(limits, use_signals)
-        if not moves:
-            terminal += 1
-            continue
-        if depth >= max_depth:
-            depth_limited += 1
-            continue
-        if best is not None and depth + 1 >= len(best[0]):
-            continue  # cannot lead to a shorter trace
+    def expand(snap, key, depth, moves) -> int:
+        """Run every move from ``snap``; returns how many new states."""
+        nonlocal transitions, best, complete, stop
+        added = 0
         first = True
         for move in moves:
             if not first:
@@ -253,19 +249,52 @@ def explore(
                 if best is None or len(path) < len(best[0]):
                     best = (path, msg)
                 if stop_at_first:
-                    stack.clear()
+                    stop = True
                     break
                 continue
             child = m.key()
             if child in parent:
                 continue
-            parent[child] = (key, move)
+            parent[child] = (key, interned.setdefault(move, move))
+            added += 1
             if len(parent) >= max_states:
                 complete = False
-                stack.clear()
+                stop = True
                 break
             stack.append((m.snapshot(), child, depth + 1))
+        return added
 
+    while stack and not stop:
+        snap, key, depth = stack.pop()
+        m.restore(snap)
+        moves = m.choices(limits, use_signals)
+        if not moves:
+            terminal += 1
+            continue
+        if depth >= max_depth:
+            depth_limited += 1
+            continue
+        if best is not None and depth + 1 >= len(best[0]):
+            continue  # cannot lead to a shorter trace
+        reduced = m.reduced
+        if expand(snap, key, depth, moves) == 0 and reduced and not stop:
+            # the cycle proviso: a reduced set that only closes onto
+            # states already seen may postpone the other threads forever;
+            # expand the state fully instead
+            m.restore(snap)
+            m.reduce = False
+            full = m.choices(limits, use_signals)
+            m.reduce = reduce
+            m.restore(snap)
+            expand(snap, key, depth, [mv for mv in full if mv not in moves])
+    stack.clear()
+
+    if m.reduction_unsound and reduce:
+        # a step the reduction does not cover (membarrier) ran: search again without it
+        return explore(
+            scenario, variant, preemptions=preemptions, migrations=migrations, signals=signals,
+            max_depth=max_depth, max_states=max_states, stop_at_first=stop_at_first, reduce=False,
+        )
     if best is not None and complete and len(parent) <= SHORTEST_SEARCH_STATES:
         shorter = _shortest(scenario, variant, limits, use_signals, len(best[0]) - 1)
         if shorter is not None:

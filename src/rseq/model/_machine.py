@@ -3,15 +3,16 @@ generic half of the kernel (return to user space, faults, kills).  What is
 specific to an ABI design lives in the variant (``_variants``).
 
 A machine's whole state is plain data (dicts of ints, tuples) plus each
-thread's generator stack.  ``snapshot()``/``restore()`` save and load the
-data; generators are rebuilt by replaying the results a thread received
-(``Thread.history``).  ``key()`` hashes memory, kernel state and the
-generator frames (code position and locals), so equivalent states reached
-by different schedules are recognised.
+thread's local state in its program's automaton (``ProgramTable``): the
+generators run once per new edge, not once per state.  ``snapshot()`` and
+``restore()`` save and load that data; ``key()`` packs memory, kernel state
+and the local states into bytes, so equivalent states reached by different
+schedules are recognised.
 """
 
 from __future__ import annotations
 
+import marshal
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,8 +66,111 @@ class Killed(Exception):
     """Raised inside the machine when the process dies (SIGSEGV)."""
 
 
+class ProgramTable:
+    """One thread's program as an explicit automaton, built lazily.
+
+    A local state (an int) stands for one generator stack, identified by its
+    frames' code positions and locals (``frame_key``): the same position
+    with the same locals behaves the same from there on, which is the
+    premise of the explorer's state hashing.  ``steps[s]`` is the step the
+    program yields in state ``s`` (None: finished) and ``edges[s]`` maps an
+    event (``("s", result)``, ``("t",)`` abort, ``("h",)`` signal handler)
+    to the next state.  An edge is computed once, by running a generator
+    (the live one when it sits in ``s``, else a replay of the history that
+    first reached ``s``); the explorer then moves a thread by a dict lookup
+    and saves it as one int, never replaying generators per state.
+    """
+
+    __slots__ = ("program", "ctx", "handler", "steps", "edges", "paths", "index", "live", "live_state")
+
+    def __init__(self, program: Callable, ctx: Context | None, handler: Callable | None):
+        self.program = program
+        self.ctx = ctx
+        self.handler = handler
+        self.steps: list = []
+        self.edges: list[dict] = []
+        self.paths: list[tuple] = []  # the history that first reached each state
+        self.index: dict[tuple, int] = {}
+        stack: list[list] = []
+        self._push(stack, program(ctx))
+        self.live = stack
+        self.live_state = self._intern(stack, ())
+
+    # -- generators
+    @staticmethod
+    def _push(stack: list, gen) -> None:
+        try:
+            step = next(gen)
+        except StopIteration:
+            return
+        stack.append([gen, step])
+
+    def _advance(self, stack: list, event: tuple) -> None:
+        kind = event[0]
+        if kind == "h":
+            self._push(stack, self.handler(self.ctx))
+            return
+        frame = stack[-1]
+        try:
+            if kind == "s":
+                frame[1] = frame[0].send(event[1])
+            else:  # "t": abort
+                frame[1] = frame[0].throw(Abort())
+        except StopIteration:
+            stack.pop()
+
+    def _replay(self, path: tuple) -> list:
+        stack: list[list] = []
+        self._push(stack, self.program(self.ctx))
+        for event in path:
+            self._advance(stack, event)
+        return stack
+
+    def _intern(self, stack: list, path: tuple) -> int:
+        key = frame_key(stack)
+        state = self.index.get(key)
+        if state is None:
+            state = len(self.steps)
+            self.index[key] = state
+            self.steps.append(stack[-1][1] if stack else None)
+            self.edges.append({})
+            self.paths.append(path)
+        return state
+
+    def edge(self, state: int, event: tuple) -> int:
+        nxt = self.edges[state].get(event)
+        if nxt is None:
+            if self.live_state == state:
+                stack = self.live
+            else:
+                stack = self._replay(self.paths[state])
+            self._advance(stack, event)
+            nxt = self._intern(stack, self.paths[state] + (event,))
+            self.edges[state][event] = nxt
+            self.live, self.live_state = stack, nxt
+        return nxt
+
+
+def frame_key(stack: list) -> tuple:
+    """A generator stack's identity: code, position and locals of every frame
+    (through ``yield from``); values that are not plain data count by id."""
+    out = []
+    for gen, _ in stack:
+        g = gen
+        while g is not None:
+            frame = g.gi_frame
+            if frame is None:
+                break
+            loc = tuple(
+                (n, v if isinstance(v, _SIMPLE) else id(v)) for n, v in frame.f_locals.items()
+            )
+            out.append((g.gi_code, frame.f_lasti, loc))
+            g = g.gi_yieldfrom if isinstance(g.gi_yieldfrom, types.GeneratorType) else None
+    return tuple(out)
+
+
 class Thread:
-    __slots__ = ("tid", "name", "program", "ctx", "k", "stack", "history", "handler", "_fkey", "private")
+    __slots__ = ("tid", "name", "program", "ctx", "k", "table", "state", "handler", "private")
 
     def __init__(self, tid: int, name: str, program: Callable | None, ctx: Context | None):
         self.tid = tid
@@ -86,54 +190,32 @@ class Thread:
             "slice": (False, 0, None),  # (enabled, steps left of a grant, preempter)
             "mm_cid": None,
         }
-        self.stack: list[list] = []
-        self.history: tuple = ()
-        self._fkey: tuple | None = None
+        self.table: ProgramTable | None = None
+        self.state = 0  # the program's local state in ``table``
         self.private: tuple = ()  # (start, end) ranges only this thread touches
 
     # -- program side
     def start(self) -> None:
-        self._fkey = None
-        self.stack = []
-        self.history = ()
-        if self.program is None:
-            return
-        gen = self.program(self.ctx)
-        self._push(gen)
-
-    def _push(self, gen) -> None:
-        try:
-            step = next(gen)
-        except StopIteration:
-            return
-        self.stack.append([gen, step])
+        self.table = None
+        self.state = 0
+        if self.program is not None:
+            self.table = ProgramTable(self.program, self.ctx, self.handler)
+            self.state = self.table.live_state
 
     def feed(self, event: tuple) -> None:
-        """Apply one history event to the generator stack."""
-        self._fkey = None
-        kind = event[0]
-        if kind == "h":
-            self._push(self.handler(self.ctx))
-        else:
-            frame = self.stack[-1]
-            try:
-                if kind == "s":
-                    frame[1] = frame[0].send(event[1])
-                else:  # "t": abort
-                    frame[1] = frame[0].throw(Abort())
-            except StopIteration:
-                self.stack.pop()
-        self.history = self.history + (event,)
+        """Apply one event (a step's result, an abort, a signal handler)."""
+        self.state = self.table.edge(self.state, event)
 
-    def replay(self, history: tuple) -> None:
-        self.start()
-        for event in history:
-            self.feed(event)
-        self.history = history
+    @property
+    def stack(self) -> tuple:
+        """Non-empty while the program has a step to run."""
+        if self.table is None or self.table.steps[self.state] is None:
+            return ()
+        return (self.state,)
 
     @property
     def next_step(self):
-        return self.stack[-1][1] if self.stack else None
+        return None if self.table is None else self.table.steps[self.state]
 
     def ip(self) -> int:
         step = self.next_step
@@ -141,15 +223,12 @@ class Thread:
             return OUTSIDE_IP
         return step.ip
 
-    def frame_key(self) -> tuple:
-        if self._fkey is None:
-            self._fkey = self._frame_key()
-        return self._fkey
-
     def invisible(self, step) -> bool:
-        """A step that only this thread can observe: it commutes with every
-        other thread's step, so the explorer need not interleave around it
-        (only kernel events aimed at this thread)."""
+        """A step that only this thread can observe: it touches only this
+        thread's own regions (``private``: its ``T<n>.`` variables, never
+        the rseq area, which the kernel rewrites), or is a ``Choose`` or a
+        system call confined to the thread.  See ``Machine.choices`` for
+        when the explorer may run it alone."""
         cls = type(step)
         if cls is Load or cls is Store:
             addr = step.addr
@@ -159,21 +238,6 @@ class Thread:
         if cls is Syscall:
             return step.name in _PRIVATE_SYSCALLS
         return False
-
-    def _frame_key(self) -> tuple:
-        out = []
-        for gen, _ in self.stack:
-            g = gen
-            while g is not None:
-                frame = g.gi_frame
-                if frame is None:
-                    break
-                loc = tuple(
-                    (n, v if isinstance(v, _SIMPLE) else id(v)) for n, v in frame.f_locals.items()
-                )
-                out.append((g.gi_code, frame.f_lasti, loc))
-                g = g.gi_yieldfrom if isinstance(g.gi_yieldfrom, types.GeneratorType) else None
-        return tuple(out)
 
     @property
     def alive(self) -> bool:
@@ -200,11 +264,15 @@ class Machine:
         self.steps = 0
         self.log: list[str] | None = None
         self.reduce = True  # partial-order reduction of thread-private steps
+        self.reduced = False  # whether the last choices() returned a reduced set
+        self.reduction_unsound = False  # set by a step the reduction does not cover
         self.kernel_writes: list[tuple] = []  # (addr, size, field, tid) since last check
         self._next_data = DATA_BASE
         self._next_text = TEXT_BASE
         self._next_rodata = RODATA_BASE
         self.sections: dict[str, CriticalSection] = {}
+        self._layout: tuple = ()
+        self._access: dict[tuple, bool] = {}
 
     # ------------------------------------------------------------ memory
     def map(self, name: str, start: int, size: int, perm: str = "rw") -> Region:
@@ -237,12 +305,24 @@ class Machine:
         return None
 
     def accessible(self, addr: int, size: int, write: bool) -> bool:
+        # memoised per layout: the regions change rarely (map, unmap,
+        # mprotect), the checks run on every step
+        if self.regions is not self._layout:
+            self._layout = self.regions
+            self._access = {}
+        query = (addr, size, write)
+        ok = self._access.get(query)
+        if ok is None:
+            ok = self._access[query] = self._accessible(addr, size, write)
+        return ok
+
+    def _accessible(self, addr: int, size: int, write: bool) -> bool:
         r = self.region_of(addr)
         if r is None or addr + size > r.end:
             # an access may span adjacent regions
             if r is None:
                 return False
-            return self.accessible(r.end, addr + size - r.end, write) and (
+            return self._accessible(r.end, addr + size - r.end, write) and (
                 "w" in r.perm if write else "r" in r.perm
             )
         return "w" in r.perm if write else "r" in r.perm
@@ -377,7 +457,7 @@ class Machine:
     def snapshot(self) -> tuple:
         return (
             dict(self.memory),
-            tuple((t.k.copy(), t.history) for t in self.threads),
+            tuple((t.k.copy(), t.state) for t in self.threads),
             tuple(self.cpus),
             dict(self.ghost),
             tuple(self.used),
@@ -390,10 +470,9 @@ class Machine:
     def restore(self, snap: tuple) -> None:
         mem, threads, cpus, ghost, used, regions, killed, steps, mb = snap
         self.memory = dict(mem)
-        for t, (k, history) in zip(self.threads, threads):
+        for t, (k, state) in zip(self.threads, threads):
             t.k = k.copy()
-            if t.history is not history:
-                t.replay(history)
+            t.state = state
         self.cpus = list(cpus)
         self.ghost = dict(ghost)
         self.used = list(used)
@@ -403,19 +482,27 @@ class Machine:
         self.membarrier_registered = mb
         self.kernel_writes = []
 
-    def key(self) -> tuple:
-        return (
-            frozenset(self.memory.items()),
-            tuple((tuple(t.k.values()), t.frame_key() if t.alive else ()) for t in self.threads),
+    def key(self) -> bytes:
+        """The state's identity for the visited set, as compact bytes:
+        memory, kernel thread state, each program's local state, the
+        scenario's ghost data and the budgets used."""
+        ghost = self.ghost
+        return marshal.dumps((
+            tuple(sorted(self.memory.items())),
+            tuple((tuple(t.k.values()), t.state if t.k["status"] == "run" else -1)
+                  for t in self.threads),
             tuple(self.cpus),
-            frozenset(self.ghost.items()),
+            tuple(sorted(ghost.items(), key=repr)) if ghost else (),
             tuple(self.used),
             self.killed,
-        )
+        ))
 
     @property
     def finished(self) -> bool:
-        return all(not t.alive or not t.stack for t in self.threads)
+        return all(
+            t.k["status"] != "run" or t.table is None or t.table.steps[t.state] is None
+            for t in self.threads
+        )
 
     # ------------------------------------------------------------ moves
     def choices(self, bounds: tuple[int, int, int], signals: bool) -> list[tuple]:
@@ -423,14 +510,25 @@ class Machine:
         if self.killed is not None:
             return []
         out: list[tuple] = []
-        waiting = [t.tid for t in self.threads if t.alive and t.stack and t.k["cpu"] is None]
-        if self.reduce:
+        waiting = [
+            t.tid for t in self.threads
+            if t.k["cpu"] is None and t.k["status"] == "run" and t.table is not None
+            and t.table.steps[t.state] is not None
+        ]
+        self.reduced = False
+        if self.reduce and self.used[0] >= bounds[0] and self.used[1] >= bounds[1]:
+            # Partial-order reduction: an invisible step runs alone, with the
+            # events aimed at its thread.  Only once the preemption and
+            # migration budgets are spent: before that, another thread could
+            # leave its CPU and then preempt this one, or migrate onto its
+            # CPU, before the step (docs/model.md, "Why the reduction is sound").
             for cpu, tid in enumerate(self.cpus):
                 if tid is None:
                     continue
                 t = self.thread(tid)
                 step = t.next_step
                 if step is not None and t.invisible(step):
+                    self.reduced = True
                     return self._moves_of(t, cpu, step, waiting, bounds, signals)
         for cpu, tid in enumerate(self.cpus):
             if tid is None:
@@ -473,18 +571,13 @@ class Machine:
         return (step is not None and step.ip is not None) or self.variant.preempt_always_observable
 
     def _moves_of(self, t, cpu, step, waiting, bounds, signals) -> list[tuple]:
-        """The persistent set at an invisible step of ``t``: the step itself
-        and the kernel events aimed at ``t``, which do not commute with it."""
+        """The persistent set at an invisible step of ``t`` once no
+        preemption or migration is left: the step itself and a signal to
+        ``t``, the one event left that does not commute with it."""
         if isinstance(step, Choose):
             out = [("choose", t.tid, i) for i in range(step.n)]
         else:
             out = [("step", t.tid)]
-        if self.used[0] < bounds[0]:
-            if self._preempt_matters(t):
-                out.append(("preempt", cpu, None))
-            out.extend(("preempt", cpu, w) for w in waiting)
-        if self.used[1] < bounds[1]:
-            out.extend(("migrate", t.tid, c) for c in range(self.ncpus) if c != cpu)
         if signals and self.used[2] < bounds[2]:
             out.append(("signal", t.tid))
         return out
@@ -605,6 +698,10 @@ class Machine:
         self.variant.after_user_step(self, t)
 
     def _syscall(self, t: Thread, step: Syscall):
+        if step.name == "membarrier":
+            # an IPI acts on other threads from this thread's step: the
+            # reduction's independence argument does not cover it
+            self.reduction_unsound = True
         self.variant.syscall_entry(self, t, step)
         result, leaves_cpu = self.variant.syscall(self, t, step)
         if self.log is not None:
