@@ -54,10 +54,10 @@ PyDoc_STRVAR(node_doc,
 static PyObject *py_node(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_NODE_ID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->node_id, __ATOMIC_RELAXED));
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_NODE_ID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->node_id, __ATOMIC_RELAXED));
     int node = rseq_fallback_node();
     if (node < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -75,12 +75,13 @@ PyDoc_STRVAR(mm_cid_doc,
 
 static PyObject *py_mm_cid(PyObject *module, PyObject *Py_UNUSED(unused))
 {
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_MM_CID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->mm_cid, __ATOMIC_RELAXED));
+    /* Checked: after the registration ends, mm_cid reads 0 forever. */
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_MM_CID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->mm_cid, __ATOMIC_RELAXED));
     rseq_module_state *st = get_state(module);
-    if (!t || !t->area)
+    if (!t || !area)
         PyErr_Format(st->Unsupported,
                      "mm_cid is not available: this thread has no rseq area (%s)",
                      t ? rseq_fallback_reason(t) : "out of memory");
@@ -257,7 +258,8 @@ static PyObject *py_info_dict(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
     const struct rseq_process *p = rseq_process_get();
-    struct rseq_thread *t = rseq_thread_get();
+    (void)rseq_thread_area_checked(); /* a lost registration shows in fallback */
+    struct rseq_thread *t = rseq_thread_peek();
     if (!t)
         return PyErr_NoMemory();
     PyObject *d = PyDict_New();
@@ -329,14 +331,12 @@ fail:
 
 static struct rseq_abi *capi_thread_area(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t ? t->area : NULL;
+    return rseq_thread_area_checked();
 }
 
 static uint32_t capi_thread_area_size(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t && t->area ? t->usable_size : 0;
+    return rseq_thread_area_checked() ? rseq_thread_peek()->usable_size : 0;
 }
 
 static int capi_register(void) { return rseq_thread_register(); }
@@ -358,7 +358,9 @@ static int capi_current_index(struct rseq_abi *rs, int mode)
 }
 
 #if RSEQ_ARCH_HAS_CS
-#define CAPI_SEQUENCE(call) do { if (rs) return call; } while (0)
+/* A lost area (rseq_area_lost) takes the fallback, so that a caller's retry
+ * loop ends (the same rule as percpu.h's dispatch). */
+#define CAPI_SEQUENCE(call) do { if (RSEQ_PERCPU_USE_CS(rs)) return call; } while (0)
 #else
 #define CAPI_SEQUENCE(call) do { } while (0)
 #endif
