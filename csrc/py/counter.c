@@ -318,7 +318,9 @@ PyMethodDef rseq_counter_methods[] = {
      "fallback lane."},
     {"removed", (PyCFunction)rseq_counter_removed, METH_NOARGS,
      "removed($self, /)\n--\n\n"
-     "The total that reset() calls have removed so far."},
+     "The baseline: the total that reset() calls have removed so far, less\n"
+     "the adds that their CPU's slot could not hold (a slot near the int64\n"
+     "limit after a reset()): those are placed here instead."},
     {"reset", (PyCFunction)rseq_counter_reset, METH_NOARGS,
      "reset($self, /)\n--\n\n"
      "Set the value to zero and return what was removed.  Lock-free: an add()\n"
