@@ -498,6 +498,9 @@ int rseq_thread_unregister(int *not_owned)
     *not_owned = 0;
     if (!t)
         return -ENOMEM;
+    /* A registration ended behind our back has nothing left to release. */
+    if (t->area && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) < 0)
+        mark_lost(t);
     if (t->owner != RSEQ_OWNER_SELF) {
         /* glibc, librseq or a foreign registrant owns it: never touch it.
          * Dropping a reference we hold is normal; a call with none held is

@@ -164,11 +164,16 @@ static PyObject *py_unregister(PyObject *module, PyObject *Py_UNUSED(unused))
         return raise_registration_error(st, -ret, "rseq(2) RSEQ_FLAG_UNREGISTER failed");
     if (not_owned) {
         struct rseq_thread *t = rseq_thread_peek();
-        const char *owner = t ? rseq_owner_name(t->owner) : NULL;
-        if (PyErr_WarnFormat(st->NotOwnedWarning, 1,
-                "this thread's rseq registration is %s%s; rseq.unregister() "
-                "left it in place", owner ? "owned by " : "not registered",
-                owner ? owner : "") < 0)
+        const char *owner = t && t->area ? rseq_owner_name(t->owner) : NULL;
+        int warned = owner
+            ? PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread's rseq registration is owned by %s; rseq.unregister() "
+                  "left it in place", owner)
+            : PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread has no rseq registration (%s); rseq.unregister() "
+                  "had nothing to release",
+                  t && rseq_fallback_reason(t) ? rseq_fallback_reason(t) : "none yet");
+        if (warned < 0)
             return NULL;
     }
     return PyBool_FromLong(ret == 1);
