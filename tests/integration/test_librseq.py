@@ -88,7 +88,8 @@ PRELUDE = """
 def _run(code: str, librseq, **kwargs):
     path, stand_in = librseq
     prelude = PRELUDE.format(stand_in=stand_in, threads=THREADS, adds=ADDS)
-    return run_json(textwrap.dedent(prelude) + textwrap.dedent(code), env=dict(OWN_REGISTRATION, LD_PRELOAD=path), **kwargs)
+    return run_json(textwrap.dedent(prelude) + textwrap.dedent(code),
+                    env=dict(OWN_REGISTRATION, LD_PRELOAD=path), **kwargs)
 
 
 def test_librseq_first(librseq):

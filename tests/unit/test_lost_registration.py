@@ -21,15 +21,15 @@ pytestmark = pytest.mark.usefixtures("kernel_rseq")
 
 ADDS = 10000
 
-LOSE = """
+LOSE = f"""
 import json, os, tempfile, threading
 import rseq
 SIG = rseq._core.SIGNATURE
-ADDS = %d
+ADDS = {ADDS}
 def end_registration_behind_our_back():
     i = rseq.info()
     return rseq._core.rseq_syscall(i.area_address, i.registered_size, 1, SIG)
-""" % ADDS
+"""
 
 
 def test_glibc_registration_ended():
