@@ -254,3 +254,45 @@ def test_registration_probe_premise():
     assert got == {"unregistered": -errno.EFAULT, "registered": -errno.EINVAL}
     assert rseq.info().owner != "glibc" or rseq._core.rseq_syscall(
         2**64 - 32, 32, 0, rseq._core.SIGNATURE) == -errno.EINVAL
+
+
+def test_librseq_arriving_after_import(tmp_path):
+    """librseq's symbols are looked up again when a thread registers, not
+    only at import: threads that start after it arrived are registered
+    through it.  (The real librseq cannot be dlopen'ed, its 1 KiB TLS area
+    is too large; a stand-in built with a 32-byte area can.  A thread rseq
+    registered before librseq arrived keeps rseq's own area.)"""
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    if not compiler:
+        pytest.skip("no C compiler")
+    small = str(tmp_path / "libfake_librseq_dlopen.so")
+    subprocess.run([compiler, "-DFAKE_LIBRSEQ_DLOPEN", "-shared", "-fPIC", "-O2", SOURCE,
+                    "-o", small], check=True)
+    got = run_json(f"""
+        import ctypes, json, threading
+        import rseq
+        c = rseq.PerCpuCounter()
+        c.add(1)
+        out = dict(main=[rseq.info().owner, rseq.info().process_owner])
+        lib = ctypes.CDLL({small!r}, mode=ctypes.RTLD_GLOBAL)
+        lib.fake_area_address.restype = ctypes.c_size_t
+        size = ctypes.c_uint.in_dll(lib, "rseq_size")
+        out["size_before"] = size.value
+        def worker(k):
+            for _ in range({ADDS}):
+                c.add(1)
+            i = rseq.info()
+            out[k] = [i.owner, i.process_owner, i.area_address == lib.fake_area_address()]
+        threads = [threading.Thread(target=worker, args=(k,)) for k in range({THREADS})]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        out.update(size_after=size.value, value=c.value(), fallback=c.fallback_count(),
+                   main_after=rseq.info().owner)
+        print(json.dumps(out))
+    """, env=OWN_REGISTRATION)
+    assert got["main"] == ["rseq", "rseq"]
+    assert got["size_before"] == 0 and got["size_after"] > 0
+    for k in range(THREADS):
+        assert got[str(k)] == ["librseq", "librseq", True]
+    assert got["value"] == 1 + THREADS * ADDS and got["fallback"] == 0
+    assert got["main_after"] == "rseq"

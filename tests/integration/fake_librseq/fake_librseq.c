@@ -37,12 +37,23 @@
 #define FAKE_ORIG_FEATURE_SIZE 20
 #define FAKE_FLAG_UNREGISTER 1
 
+/* FAKE_LIBRSEQ_DLOPEN: a 32-byte area, small enough for the static TLS a
+ * dlopen'ed library may take, to test a librseq that arrives after import
+ * (the real one, with its 1 KiB area, cannot be dlopen'ed). */
+#ifdef FAKE_LIBRSEQ_DLOPEN
+#define FAKE_AREA_SIZE 32
+#else
+#define FAKE_AREA_SIZE 1024 /* like librseq: room for future fields */
+#endif
+
 struct fake_area {
     uint32_t cpu_id_start, cpu_id;
     uint64_t rseq_cs;
     uint32_t flags, node_id, mm_cid, slice_ctrl;
-    char room[1024 - 32]; /* like librseq: room for future fields */
-} __attribute__((aligned(1024)));
+#if FAKE_AREA_SIZE > 32
+    char room[FAKE_AREA_SIZE - 32];
+#endif
+} __attribute__((aligned(FAKE_AREA_SIZE)));
 
 static __thread struct fake_area area __attribute__((tls_model("initial-exec"))) = {
     .cpu_id = (uint32_t)-1,
