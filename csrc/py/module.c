@@ -116,7 +116,8 @@ PyDoc_STRVAR(register_doc,
 "Take a reference on the calling thread's rseq registration, registering an\n"
 "area now if nobody has.  Returns the thread's reference count.  The\n"
 "registration lives until every register() has been matched by an\n"
-"unregister() (or the thread exits).  Raises rseq.RegistrationError when the\n"
+"unregister() (or the thread exits); one that a read made lazily holds a\n"
+"reference of its own and lives until the thread exits.  Raises rseq.RegistrationError when the\n"
 "thread cannot be registered (errno says why) and OverflowError when the\n"
 "count would pass 2**32 - 1.");
 
