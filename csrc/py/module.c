@@ -117,9 +117,9 @@ PyDoc_STRVAR(register_doc,
 "area now if nobody has.  Returns the thread's reference count.  The\n"
 "registration lives until every register() has been matched by an\n"
 "unregister() (or the thread exits); one that a read made lazily holds a\n"
-"reference of its own and lives until the thread exits.  Raises rseq.RegistrationError when the\n"
-"thread cannot be registered (errno says why) and OverflowError when the\n"
-"count would pass 2**32 - 1.");
+"reference of its own and lives until the thread exits.  Raises\n"
+"rseq.RegistrationError when the thread cannot be registered (errno says\n"
+"why) and OverflowError when the count would pass 2**32 - 1.");
 
 static PyObject *py_register(PyObject *module, PyObject *Py_UNUSED(unused))
 {
