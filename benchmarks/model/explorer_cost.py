@@ -41,7 +41,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(one(argv[1])))
         return 0
     for case in argv or DEFAULT:
-        out = subprocess.run([sys.executable, __file__, "--one", case], capture_output=True, text=True)
+        cmd = [sys.executable, __file__, "--one", case]
+        out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(case, "failed:", out.stderr[-500:])
             continue

@@ -41,13 +41,17 @@
  *                      and only when the registered area covers mm_cid (not
  *                      under glibc 2.36's 20-byte registration).
  *
- * The usual retry loop:
+ * The usual retry loop, bounded, and leaving when the registration is lost
+ * (see rseq_area_lost: a lost area makes cpu_id sequences abort forever):
  *
- *     int cpu, ret;
- *     do {
+ *     int cpu, ret = -1;
+ *     for (unsigned int n = 0; ret < 0 && n < RSEQ_PERCPU_MAX_ABORTS; n++) {
+ *         if (rseq_area_lost(rs))
+ *             break;
  *         cpu = rseq_current_index(rs, RSEQ_INDEX_CPU_ID);
  *         ret = rseq_load_add_store(rs, RSEQ_INDEX_CPU_ID, &slots[cpu].value, 1, cpu);
- *     } while (ret < 0);
+ *     }
+ *     if (ret < 0) ... take the fallback (its own words, see the mixing rule)
  *
  * Where rseq is unusable (rs == NULL, or RSEQ_ARCH_HAS_CS == 0) use the
  * rseq_percpu_* helpers below, which fall back to percpu_fallback.h
@@ -83,6 +87,26 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
     return (int)*(const volatile uint32_t *)&rs->cpu_id_start;
 }
 
+/* Whether the kernel has stopped maintaining the area for the calling
+ * thread: its registration was ended (rseq(2) RSEQ_FLAG_UNREGISTER by
+ * anyone in the thread, librseq's rseq_unregister_current_thread()).  The
+ * kernel then leaves cpu_id at -1 and cpu_id_start and mm_cid at 0: every
+ * cpu_id sequence aborts forever, and an mm_cid sequence would commit on
+ * index 0 with nothing to restart it.  Only the thread itself can end its
+ * registration, so checking before each sequence is enough; the one gap is
+ * a signal handler that unregisters between the check and the sequence
+ * (then one mm_cid sequence runs unprotected).  */
+static inline int rseq_area_lost(const struct rseq_abi *rs)
+{
+    return (int32_t)*(const volatile uint32_t *)&rs->cpu_id < 0;
+}
+
+/* The bound of every retry loop in this package: after this many aborts in
+ * a row on a live registration (a storm of signals or preemptions, or an
+ * area someone else scribbles on), the operation stops retrying and takes
+ * its fallback or reports failure. */
+#define RSEQ_PERCPU_MAX_ABORTS (1u << 20)
+
 #include "percpu_fallback.h"
 
 #if RSEQ_ARCH_HAS_CS
@@ -96,7 +120,8 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
 #include "arch/percpu_x86_64.h"
 #endif
 #undef RSEQ_PERCPU_DISPATCH
-#define RSEQ_PERCPU_USE_CS(rs) ((rs) != NULL)
+/* A lost registration takes the fallback too (see rseq_area_lost). */
+#define RSEQ_PERCPU_USE_CS(rs) ((rs) != NULL && !rseq_area_lost(rs))
 #else
 #define RSEQ_PERCPU_USE_CS(rs) 0
 #endif
@@ -107,14 +132,14 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
  * fallback never returns -1.  The index comes from rseq_percpu_index().
  * ------------------------------------------------------------------------- */
 
-/* The index to derive addresses from: the rseq area's field when there is an
- * area, sched_getcpu() otherwise (0 if even that fails: the fallback is exact
- * on any slot). */
+/* The index to derive addresses from: the rseq area's field when there is a
+ * live area, sched_getcpu() otherwise (0 if even that fails: the fallback is
+ * exact on any slot). */
 static inline int rseq_percpu_index(const struct rseq_abi *rs, enum rseq_index_mode mode)
 {
     int cpu;
 
-    if (rs)
+    if (rs && !rseq_area_lost(rs))
         return rseq_current_index(rs, mode);
     cpu = sched_getcpu();
     return cpu < 0 ? 0 : cpu;

@@ -82,9 +82,15 @@ static void *bench_thread(void *arg)
     switch (s->kind) {
     case RSEQ_BENCH_RSEQ_ADD:
 #if RSEQ_ARCH_HAS_CS
-        for (long i = 0; i < n; i++) {
+        for (long i = 0; i < n && w->ok; i++) {
             int cpu, ret;
+            unsigned int aborts = 0;
             do {
+                /* Bounded: a lost registration would abort forever. */
+                if (rseq_area_lost(rs) || aborts++ == RSEQ_PERCPU_MAX_ABORTS) {
+                    w->ok = 0;
+                    break;
+                }
                 cpu = rseq_current_index(rs, RSEQ_INDEX_CPU_ID);
                 ret = rseq_load_add_store(rs, RSEQ_INDEX_CPU_ID,
                                           (intptr_t *)&s->slots[cpu * 8], 1, cpu);

@@ -54,10 +54,10 @@ PyDoc_STRVAR(node_doc,
 static PyObject *py_node(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_NODE_ID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->node_id, __ATOMIC_RELAXED));
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_NODE_ID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->node_id, __ATOMIC_RELAXED));
     int node = rseq_fallback_node();
     if (node < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -75,12 +75,13 @@ PyDoc_STRVAR(mm_cid_doc,
 
 static PyObject *py_mm_cid(PyObject *module, PyObject *Py_UNUSED(unused))
 {
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_MM_CID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->mm_cid, __ATOMIC_RELAXED));
+    /* Checked: after the registration ends, mm_cid reads 0 forever. */
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_MM_CID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->mm_cid, __ATOMIC_RELAXED));
     rseq_module_state *st = get_state(module);
-    if (!t || !t->area)
+    if (!t || !area)
         PyErr_Format(st->Unsupported,
                      "mm_cid is not available: this thread has no rseq area (%s)",
                      t ? rseq_fallback_reason(t) : "out of memory");
@@ -115,9 +116,10 @@ PyDoc_STRVAR(register_doc,
 "Take a reference on the calling thread's rseq registration, registering an\n"
 "area now if nobody has.  Returns the thread's reference count.  The\n"
 "registration lives until every register() has been matched by an\n"
-"unregister() (or the thread exits).  Raises rseq.RegistrationError when the\n"
-"thread cannot be registered (errno says why) and OverflowError when the\n"
-"count would pass 2**32 - 1.");
+"unregister() (or the thread exits); one that a read made lazily holds a\n"
+"reference of its own and lives until the thread exits.  Raises\n"
+"rseq.RegistrationError when the thread cannot be registered (errno says\n"
+"why) and OverflowError when the count would pass 2**32 - 1.");
 
 static PyObject *py_register(PyObject *module, PyObject *Py_UNUSED(unused))
 {
@@ -163,11 +165,16 @@ static PyObject *py_unregister(PyObject *module, PyObject *Py_UNUSED(unused))
         return raise_registration_error(st, -ret, "rseq(2) RSEQ_FLAG_UNREGISTER failed");
     if (not_owned) {
         struct rseq_thread *t = rseq_thread_peek();
-        const char *owner = t ? rseq_owner_name(t->owner) : NULL;
-        if (PyErr_WarnFormat(st->NotOwnedWarning, 1,
-                "this thread's rseq registration is %s%s; rseq.unregister() "
-                "left it in place", owner ? "owned by " : "not registered",
-                owner ? owner : "") < 0)
+        const char *owner = t && t->area ? rseq_owner_name(t->owner) : NULL;
+        int warned = owner
+            ? PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread's rseq registration is owned by %s; rseq.unregister() "
+                  "left it in place", owner)
+            : PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread has no rseq registration (%s); rseq.unregister() "
+                  "had nothing to release",
+                  t && rseq_fallback_reason(t) ? rseq_fallback_reason(t) : "none yet");
+        if (warned < 0)
             return NULL;
     }
     return PyBool_FromLong(ret == 1);
@@ -219,7 +226,8 @@ static PyObject *py_info_dict(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
     const struct rseq_process *p = rseq_process_get();
-    struct rseq_thread *t = rseq_thread_get();
+    (void)rseq_thread_area_checked(); /* a lost registration shows in fallback */
+    struct rseq_thread *t = rseq_thread_peek();
     if (!t)
         return PyErr_NoMemory();
     PyObject *d = PyDict_New();
@@ -291,14 +299,12 @@ fail:
 
 static struct rseq_abi *capi_thread_area(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t ? t->area : NULL;
+    return rseq_thread_area_checked();
 }
 
 static uint32_t capi_thread_area_size(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t && t->area ? t->usable_size : 0;
+    return rseq_thread_area_checked() ? rseq_thread_peek()->usable_size : 0;
 }
 
 static int capi_register(void) { return rseq_thread_register(); }

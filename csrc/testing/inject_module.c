@@ -68,7 +68,7 @@ static PyObject *py_set_mode(PyObject *module, PyObject *args, PyObject *kwds)
                                      &sleep_us, &signal))
         return NULL;
     if (mode & ~(RSEQ_INJECT_MODE_YIELD | RSEQ_INJECT_MODE_SLEEP | RSEQ_INJECT_MODE_SIGNAL)) {
-        PyErr_Format(PyExc_ValueError, "unknown injection mode bits %#x", mode);
+        PyErr_Format(PyExc_ValueError, "unknown injection mode bits 0x%x", mode);
         return NULL;
     }
     __atomic_store_n(&rseq_inject_every, every, __ATOMIC_RELAXED);

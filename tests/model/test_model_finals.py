@@ -64,7 +64,9 @@ ABORT_NEEDED = Scenario(
     doc="Violated only when a section is aborted.",
     expect="violated",
     setup=_counter_setup,
-    threads=lambda data: [ThreadSpec(_add_trusting_aborts, 0), ThreadSpec(_add_trusting_aborts, None)],
+    threads=lambda data: [
+        ThreadSpec(_add_trusting_aborts, 0), ThreadSpec(_add_trusting_aborts, None),
+    ],
     check_final=_sum_is_two,
     variants=("linux-6.3",),
     bounds={"preemptions": 1, "migrations": 0, "signals": 0},

@@ -1,6 +1,6 @@
 """The model machine: memory, CPUs, threads, the scheduler's moves, and the
 generic half of the kernel (return to user space, faults, kills).  What is
-specific to an ABI design lives in the variant (``_variants``).
+specific to an ABI design lives in the variant (``variants``).
 
 A machine's whole state is plain data (dicts of ints, tuples) plus each
 thread's local state in its program's automaton (``ProgramTable``): the
@@ -81,7 +81,9 @@ class ProgramTable:
     and saves it as one int, never replaying generators per state.
     """
 
-    __slots__ = ("program", "ctx", "handler", "steps", "edges", "paths", "index", "live", "live_state")
+    __slots__ = (
+        "program", "ctx", "handler", "steps", "edges", "paths", "index", "live", "live_state",
+    )
 
     def __init__(self, program: Callable, ctx: Context | None, handler: Callable | None):
         self.program = program
@@ -365,7 +367,9 @@ class Machine:
         return True
 
     # ------------------------------------------------------------ text
-    def define_sections(self, signature: int, extra: dict | None = None) -> dict[str, CriticalSection]:
+    def define_sections(
+        self, signature: int, extra: dict | None = None
+    ) -> dict[str, CriticalSection]:
         """Lay out one critical section per primitive: descriptor in
         read-only data, the instructions in the text, and the signature in
         the 4 bytes before the abort handler."""
@@ -724,12 +728,19 @@ class Machine:
         if cls is Load:
             text = f"load  {self.sym(step.addr)} -> {self.value(result)}"
         elif cls is Store:
-            text = f"store {self.sym(step.addr)} = {self.value(step.value)}" + ("   (commit)" if step.commit else "")
+            text = f"store {self.sym(step.addr)} = {self.value(step.value)}"
+            if step.commit:
+                text += "   (commit)"
         elif cls is Cas:
             ok = "ok" if result == step.expected else f"failed, found {self.value(result)}"
-            text = f"cas   {self.sym(step.addr)} {self.value(step.expected)} -> {self.value(step.new)}   ({ok})"
+            text = (
+                f"cas   {self.sym(step.addr)} {self.value(step.expected)} "
+                f"-> {self.value(step.new)}   ({ok})"
+            )
         elif cls is Syscall:
-            args = ", ".join(hex(a) if isinstance(a, int) and a > 4096 else str(a) for a in step.args)
+            args = ", ".join(
+                hex(a) if isinstance(a, int) and a > 4096 else str(a) for a in step.args
+            )
             text = f"syscall {step.name}({args})"
         elif cls is Mark:
             text = f"mark  {step.label}" + (f" {step.arg}" if step.arg is not None else "")
