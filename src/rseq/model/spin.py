@@ -47,6 +47,7 @@ from ._program import Cas, Choose, Load, Mark, Store, Syscall
 SUPPORTED_VARIANTS = ("linux-4.18", "linux-6.3", "freebsd-2021")
 _SYSCALL_RESULTS = {"getpid": 0, "nop": 0, "write": 0}  # getcpu: the CPU
 MAX_ROUNDS = 60  # model completion rounds before giving up
+TRAILS_PER_ROUND = 20
 
 
 class Unsupported(Exception):
@@ -324,21 +325,24 @@ class Model:
         del start
         w("  assert(!incomplete);")
         shared = self.shared_addresses()
+        every = sorted(tb.addrs, key=lambda a: tb.addrs[a])  # check_final may read any of it
         if bad is None:
-            fmt = " ".join(["%d"] * (4 + len(shared)))
+            fmt = " ".join(["%d"] * (4 + len(every)))
             args = ", ".join(["now.killed", "now.up", "now.um", "now.us"]
-                             + [f"now.mem[{tb.a(a)}]" for a in shared])
+                             + [f"now.mem[{tb.a(a)}]" for a in every])
             w(f'  c_code {{ printf("FINAL {fmt}\\n", {args}); }}')
         else:
-            killed, used, proj = bad
-            values = dict(proj)
-            conds = [f"killed == {int(killed)}"]
-            conds += [f"mem[{tb.a(a)}] == {tb.v(values.get(a, 0))}" for a in shared]
+            killed, used, memory = bad
+            values = dict(memory)
+            conds = [f"killed == {int(killed)}", f"up == {used[0]}", f"um == {used[1]}",
+                     f"us == {used[2]}"]
+            conds += [f"mem[{tb.a(a)}] == {tb.v(values.get(a, 0))}" for a in every]
             w(f"  assert(!({' && '.join(conds)}))")
         w("}")
         self.lines = lines
         self.tb = tb
         self.shared = shared
+        self.every = every
         return "\n".join(out) + "\n"
 
     def shared_addresses(self) -> list[int]:
@@ -572,7 +576,7 @@ class _Runner:
         self.dir = workdir
         self.memory_mb = memory_mb
 
-    def run(self, text: str) -> PanRun:
+    def run(self, text: str, trails: int = 1) -> PanRun:
         pml = os.path.join(self.dir, "model.pml")
         with open(pml, "w") as f:
             f.write(text)
@@ -584,7 +588,10 @@ class _Runner:
         # final states); COLLAPSE: compress state vectors (about 3-5x smaller)
         self._call([self.cc, "-O1", "-DSAFETY", "-DCOLLAPSE", f"-DMEMLIM={self.memory_mb}",
                     "-DVECTORSZ=4096", "-o", "pan", "pan.c"], "cc pan.c")
-        proc = subprocess.run(["./pan", "-m1000000", "-c1", "-w20"], cwd=self.dir,
+        # -e -cN: a trail for each of the first errors, so that one round
+        # of completing the automata learns many missing edges
+        errors = ["-c1"] if trails == 1 else ["-e", f"-c{trails}"]
+        proc = subprocess.run(["./pan", "-m1000000", "-w20", *errors], cwd=self.dir,
                               capture_output=True, text=True)
         out = proc.stdout + proc.stderr
         if "out of memory" in out or "memory limit" in out.lower():
@@ -601,10 +608,15 @@ class _Runner:
                 run.finals.add(tuple(int(x) for x in line.split()[1:]))
         return run
 
-    def trail(self, lines: dict[int, tuple], anchor: int) -> list[tuple]:
+    def trails(self) -> list[str]:
+        names = [f for f in os.listdir(self.dir) if f.endswith(".trail")]
+        return sorted(names, key=lambda f: int(re.sub(r"\D", "", f) or 0))
+
+    def trail(self, lines: dict[int, tuple], anchor: int, name: str = "model.pml.trail") -> list[tuple]:
         """The moves of SPIN's trail: each scheduler branch is one line of
         the model, and spin -t -p names the line of every step it replays."""
-        proc = subprocess.run([self.spin, "-t", "-p", "model.pml"], cwd=self.dir,
+        number = re.sub(r"\D", "", name.removesuffix(".trail").removeprefix("model.pml"))
+        proc = subprocess.run([self.spin, f"-t{number}", "-p", "model.pml"], cwd=self.dir,
                               capture_output=True, text=True)
         moves = []
         done: set[int] = set()
@@ -640,8 +652,14 @@ def _projection(model: Model, final: tuple) -> tuple:
     mapped back to values."""
     values = {i: v for v, i in model.tb.values.items()}
     killed, up, um, us, *mem = final
-    proj = tuple((a, values[x]) for a, x in zip(model.shared, mem) if values[x] != 0)
-    return (bool(killed), (up, um, us), proj)
+    memory = tuple((a, values[x]) for a, x in zip(model.every, mem))
+    return (bool(killed), (up, um, us), memory)
+
+
+def _shared(model: Model, memory: tuple) -> tuple:
+    """The projection ``_finals`` compares: shared memory, zeros left out."""
+    shared = set(model.shared)
+    return tuple(sorted((a, v) for a, v in memory if a in shared and v != 0))
 
 
 def _judge(model: Model, final: tuple) -> str | None:
@@ -651,8 +669,6 @@ def _judge(model: Model, final: tuple) -> str | None:
         return None if sc.allows_kill else "the process was killed"
     m = model.m
     m.restore(model.root)
-    for a in model.shared:
-        m.memory[a] = 0
     for a, v in proj:
         m.memory[a] = v
     m.used = list(used)
@@ -688,12 +704,13 @@ def check(
         rounds = 0
         while True:
             rounds += 1
-            run = runner.run(model.promela())
+            run = runner.run(model.promela(), trails=TRAILS_PER_ROUND)
             if run.errors == 0:
                 break
             if "incomplete" not in run.output or rounds >= MAX_ROUNDS:
                 raise RuntimeError(f"pan stopped: {run.output[-800:]}")
-            model.run_moves(runner.trail(model.lines, model.anchor))
+            for name in runner.trails()[:TRAILS_PER_ROUND]:
+                model.run_moves(runner.trail(model.lines, model.anchor, name))
         finals = {_projection(model, f) for f in run.finals}
         bad = None
         for final in sorted(finals, key=repr):
@@ -709,7 +726,7 @@ def check(
         result.memory_mb = run.memory_mb
         result.pan_seconds = run.elapsed
         result.rounds = rounds
-        result.finals = {(k, p) for k, _, p in finals}
+        result.finals = {(k, _shared(model, p)) for k, _, p in finals}
         if bad is not None:
             runner.run(model.promela(bad=bad))
             moves = runner.trail(model.lines, model.anchor)
