@@ -21,6 +21,8 @@
 #ifndef SYS_rseq
 #if defined(__x86_64__)
 #define SYS_rseq 334
+#elif defined(__aarch64__)
+#define SYS_rseq 293 /* the generic syscall table's number */
 #endif
 #endif
 
