@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # install-arm64-tools.sh - the Debian packages the arm64 check needs
-# (tests/arch/arm64.sh): the aarch64 cross compiler with its static glibc,
+# (tests/arch/arm64.sh): the aarch64 cross compiler with its glibc,
 # qemu-system-aarch64, and cpio for the initramfs.  The arm64 kernel itself
 # is not installed: arm64.sh downloads it with `apt-get download` into its
 # cache, which needs only the arm64 architecture to be known to dpkg.
@@ -18,8 +18,16 @@ have_all() {
     command -v aarch64-linux-gnu-gcc >/dev/null &&
         command -v qemu-system-aarch64 >/dev/null &&
         command -v cpio >/dev/null &&
-        [ -f /usr/aarch64-linux-gnu/lib/libc.a ] &&
-        dpkg --print-foreign-architectures | grep -qx arm64
+        [ -f /usr/aarch64-linux-gnu/lib/libc.so.6 ] &&
+        dpkg --print-foreign-architectures | grep -qx arm64 &&
+        kernel_reachable
+}
+
+# arm64.sh needs the kernel image: cached already, or known to apt (the
+# package lists of the arm64 architecture are there).
+kernel_reachable() {
+    ls "${RSEQ_ARM64_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/rseq-arm64}"/vmlinuz-* \
+        >/dev/null 2>&1 || apt-cache show linux-image-arm64:arm64 >/dev/null 2>&1
 }
 
 if have_all; then
