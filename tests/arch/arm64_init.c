@@ -10,8 +10,9 @@
  *      and signature all match); no AT_RSEQ_FEATURE_SIZE before Linux 6.3,
  *      so registration.c runs its pre-6.3 paths (usable size 20);
  *   2. counter.h on its own: threads add through the load_add_bov_store
- *      sequence while the main thread resets with rseq_arch_cas128 (the
- *      ldaxp/stlxp pair): nothing lost, nothing counted twice;
+ *      sequence while two threads reset with rseq_arch_cas128 (the
+ *      ldaxp/stlxp pair), racing each other: nothing lost, nothing counted
+ *      twice, with both 64-bit halves of the baseline in play;
  *   3. every line of /cases: an optional run of NAME=value words (the
  *      environment), then a program and its arguments (param_test).  A case
  *      passes when it exits 0 with "OK" last; exit 77 is a skip (a
@@ -153,6 +154,20 @@ static void *counter_adder(void *arg)
     return NULL;
 }
 
+/* A second resetter, so that resets race each other on the baseline CAS. */
+static __int128 resetter_removed;
+static long resetter_resets;
+
+static void *counter_resetter(void *arg)
+{
+    (void)arg;
+    while (!__atomic_load_n(&counter_stop, __ATOMIC_RELAXED)) {
+        resetter_removed += counter_reset(&counter);
+        resetter_resets++;
+    }
+    return NULL;
+}
+
 static void counter_check(void)
 {
     static __int128 baseline __attribute__((aligned(16)));
@@ -167,11 +182,13 @@ static void counter_check(void)
     counter.baseline = &baseline;
     counter.mode = RSEQ_INDEX_CPU_ID;
 
-    /* A 128-bit carry: the baseline starts just below 2^64. */
-    baseline = (__int128)UINT64_MAX - 5;
+    /* A baseline whose high half is not 0, so the first reset's CAS must
+     * compare and replace both 64-bit halves. */
+    baseline = -((__int128)1 << 64) - 5;
     __int128 start = counter_value(&counter);
 
-    pthread_t th[COUNTER_THREADS];
+    pthread_t th[COUNTER_THREADS], resetter;
+    pthread_create(&resetter, NULL, counter_resetter, NULL);
     for (int i = 0; i < COUNTER_THREADS; i++)
         pthread_create(&th[i], NULL, counter_adder, NULL);
     __int128 removed = 0;
@@ -183,6 +200,9 @@ static void counter_check(void)
             joined++;
     }
     __atomic_store_n(&counter_stop, 1, __ATOMIC_RELAXED);
+    pthread_join(resetter, NULL);
+    removed += resetter_removed;
+    resets += resetter_resets;
     __int128 total = removed + counter_value(&counter) - start;
     check(total == (__int128)COUNTER_THREADS * COUNTER_ADDS && counter_refused == 0 &&
               fallback == 0,
