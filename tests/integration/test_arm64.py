@@ -128,6 +128,31 @@ def test_arm64_release_build_has_no_injection():
     assert "rseq_inject_loops" in run(CROSS + "objdump", "-dr", str(injected))
 
 
+def test_extension_sources_cross_compile():
+    """Every C source of both extension modules compiles and assembles for
+    arm64 (with this host's Python headers: LP64 both, and only syntax and
+    sizes matter here), so the binding's own sequences (counters, arena,
+    ring) are arm64 code too, not only param_test's."""
+    require(CROSS + "gcc")
+    import sysconfig
+
+    BUILD.mkdir(parents=True, exist_ok=True)
+    includes = ["-I", str(ROOT / "csrc" / "py"), "-I", str(ROOT / "csrc" / "testing"),
+                "-I", sysconfig.get_paths()["include"]]
+    release = sorted((ROOT / "csrc" / "lib").glob("*.c")) + sorted(
+        (ROOT / "csrc" / "py").glob("*.c"))
+    # (the injection build of the same sources is param_test's test build)
+    testing = sorted((ROOT / "csrc" / "testing").glob("*.c"))
+    builds = [(src, []) for src in release] + [
+        (src, ["-DRSEQ_INJECT=1", "-DRSEQ_CAPI_CLIENT=1"]) for src in testing]
+    for src, defines in builds:
+        proc = subprocess.run([CROSS + "gcc", *CFLAGS, "-Wno-missing-field-initializers",
+                               "-fPIC", "-fvisibility=hidden", *includes, *defines, "-c",
+                               str(src), "-o", str(BUILD / "unit.o")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{src.name} {defines}:\n{proc.stderr}"
+
+
 # ---------------------------------------------------------------------------
 # The dispatch: x86-64 builds no arm64 code; big-endian arm64 and unknown
 # architectures get the fallback
