@@ -90,18 +90,18 @@ else {
         # aborts are required (-A).  Registration alternates glibc / own.
         for p in $(points $t); do
             env=""; [ $((p % 2)) -eq 0 ] && env=$OWN
-            echo "$env /param_test -T $t -t $THREADS -r 4000 -$p 3000 -S 5 -A"
+            echo "$env /param_test -T $t -t $THREADS -r 2500 -$p 3000 -S 5 -A"
         done
         # A window before the sequence, with yields, then with sleeps.
         c=$(cpoint $t)
-        echo "/param_test -T $t -t $THREADS -r 4000 -$c 300 -y -e 20"
-        echo "$OWN /param_test -T $t -t $THREADS -r 2000 -$c 300 -s -e 300 -u 200"
+        echo "/param_test -T $t -t $THREADS -r 2500 -$c 300 -y -e 20"
+        echo "$OWN /param_test -T $t -t $THREADS -r 1500 -$c 300 -s -e 300 -u 200"
         # Forced migration and signals together; processes sharing memory.
-        echo "/param_test -T $t -t $THREADS -r 4000 -3 800 -4 800 -m 200 -S 50"
-        echo "$OWN /param_test -T $t -P 2 -t 2 -r 4000 -4 800 -m 300 -S 50"
+        echo "/param_test -T $t -t $THREADS -r 2500 -3 800 -4 800 -m 200 -S 50"
+        echo "$OWN /param_test -T $t -P 2 -t 2 -r 2500 -4 800 -m 300 -S 50"
         # The fallback, and the release build (no injection) at full speed.
-        echo "/param_test -F -T $t -t $THREADS -r 2000 -7 200 -y -e 50 -m 200 -S 50"
-        echo "/param_test_release -T $t -t $THREADS -r 20000 -m 300 -S 100"
+        echo "/param_test -F -T $t -t $THREADS -r 1500 -7 200 -y -e 50 -m 200 -S 50"
+        echo "/param_test_release -T $t -t $THREADS -r 10000 -m 300 -S 100"
     done
     # mm_cid needs Linux 6.3 (no AT_RSEQ_FEATURE_SIZE on 6.1): a skip here.
     echo "$OWN /param_test -T counter -M mm_cid -t $THREADS -r 1000"
