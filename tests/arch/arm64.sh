@@ -67,10 +67,17 @@ fi
 rm -rf "$OUT/root"
 mkdir -p "$OUT/root/lib" "$OUT/root/proc" "$OUT/root/sys" "$OUT/root/dev"
 CFLAGS=(-std=gnu11 -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers -pthread
-        -I "$ROOT/csrc/lib" -I "$ROOT/src/rseq/include")
+        -I "$ROOT/csrc/lib" -I "$ROOT/csrc/testing" -I "$ROOT/src/rseq/include")
 CC=aarch64-linux-gnu-gcc
-$CC "${CFLAGS[@]}" -DRSEQ_INJECT=1 "$ROOT/tests/c/param_test.c" -o "$OUT/root/param_test" -ldl
-$CC "${CFLAGS[@]}" "$ROOT/tests/c/param_test.c" -o "$OUT/root/param_test_release" -ldl
+# param_test, and the workload library it is a thin main over where that
+# exists (the same sources as tests/stress/test_primitives.py builds).
+PARAM_TEST=("$ROOT/tests/c/param_test.c")
+if [ -f "$ROOT/csrc/testing/workload.c" ]; then
+    PARAM_TEST+=("$ROOT/csrc/testing/workload.c" "$ROOT/csrc/lib/registration.c"
+                 "$ROOT/csrc/lib/cpus.c")
+fi
+$CC "${CFLAGS[@]}" -DRSEQ_INJECT=1 "${PARAM_TEST[@]}" -o "$OUT/root/param_test" -ldl
+$CC "${CFLAGS[@]}" "${PARAM_TEST[@]}" -o "$OUT/root/param_test_release" -ldl
 $CC "${CFLAGS[@]}" "$ROOT/tests/arch/arm64_init.c" "$ROOT/csrc/lib/registration.c" \
     "$ROOT/csrc/lib/cpus.c" -o "$OUT/root/init" -ldl
 cp "$SYSROOT/lib/ld-linux-aarch64.so.1" "$SYSROOT/lib/libc.so.6" "$OUT/root/lib/"
