@@ -8,7 +8,8 @@
 # under qemu-system-aarch64 -M virt -cpu max -smp 2, with a tiny initramfs:
 #   /init                 tests/arch/arm64_init.c (+ csrc/lib): registration
 #                         facts, counter.h with the 16-byte CAS, then /cases
-#   /param_test           the per-CPU stress workload, test build (injection)
+#   /param_test           tests/c/param_test.c over csrc/testing/workload.c (the
+#                         stress workload of rseq._inject), test build
 #   /param_test_release   the same, release build
 #   /lib/                 the arm64 glibc (ld.so, libc.so.6) from
 #                         libc6-arm64-cross: the programs are linked dynamically
@@ -69,17 +70,14 @@ mkdir -p "$OUT/root/lib" "$OUT/root/proc" "$OUT/root/sys" "$OUT/root/dev"
 CFLAGS=(-std=gnu11 -O2 -Wall -Wextra -Werror -Wno-missing-field-initializers -pthread
         -I "$ROOT/csrc/lib" -I "$ROOT/csrc/testing" -I "$ROOT/src/rseq/include")
 CC=aarch64-linux-gnu-gcc
-# param_test, and the workload library it is a thin main over where that
-# exists (the same sources as tests/stress/test_primitives.py builds).
-PARAM_TEST=("$ROOT/tests/c/param_test.c")
-if [ -f "$ROOT/csrc/testing/workload.c" ]; then
-    PARAM_TEST+=("$ROOT/csrc/testing/workload.c" "$ROOT/csrc/lib/registration.c"
-                 "$ROOT/csrc/lib/cpus.c")
-fi
+# param_test: a thin main over the stress workload that rseq._inject runs
+# too, with the package's registration (the sources test_primitives.py builds).
+PARAM_TEST=("$ROOT/tests/c/param_test.c" "$ROOT/csrc/testing/workload.c"
+            "$ROOT/csrc/lib/registration.c" "$ROOT/csrc/lib/cpus.c")
 $CC "${CFLAGS[@]}" -DRSEQ_INJECT=1 "${PARAM_TEST[@]}" -o "$OUT/root/param_test" -ldl
 $CC "${CFLAGS[@]}" "${PARAM_TEST[@]}" -o "$OUT/root/param_test_release" -ldl
-$CC "${CFLAGS[@]}" "$ROOT/tests/arch/arm64_init.c" "$ROOT/csrc/lib/registration.c" \
-    "$ROOT/csrc/lib/cpus.c" -o "$OUT/root/init" -ldl
+$CC "${CFLAGS[@]}" "$ROOT/tests/arch/arm64_init.c" "$ROOT/csrc/testing/workload.c" \
+    "$ROOT/csrc/lib/registration.c" "$ROOT/csrc/lib/cpus.c" -o "$OUT/root/init" -ldl
 cp "$SYSROOT/lib/ld-linux-aarch64.so.1" "$SYSROOT/lib/libc.so.6" "$OUT/root/lib/"
 
 # ---------------------------------------------------------------------------
@@ -90,7 +88,7 @@ OWN="GLIBC_TUNABLES=glibc.pthread.rseq=0" # our own 32-byte registration
 points() { case $1 in memcpy) echo 1 2 3 4 5 ;; *) echo 1 2 3 4 ;; esac; }
 cpoint() { case $1 in counter|cbne|bov) echo 7 ;; *) echo 8 ;; esac; }
 if [ -n "${RSEQ_ARM64_CASES:-}" ]; then
-    cp "$RSEQ_ARM64_CASES" "$OUT/root/cases"
+    { echo "# partial"; cat "$RSEQ_ARM64_CASES"; } > "$OUT/root/cases"
 else {
     for t in counter cbne bov list store_store memcpy; do
         # Every window inside the sequence, widened, under a signal storm:

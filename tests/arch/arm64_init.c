@@ -13,8 +13,10 @@
  *      sequence while two threads reset with rseq_arch_cas128 (the
  *      ldaxp/stlxp pair), racing each other: nothing lost, nothing counted
  *      twice, with both 64-bit halves of the baseline in play;
- *   3. every line of /cases: an optional run of NAME=value words (the
- *      environment), then a program and its arguments (param_test).  A case
+ *   3. that /cases widens every in-sequence injection point that
+ *      workload.c's table lists; then every line of /cases: an optional run
+ *      of NAME=value words (the environment), then a program and its
+ *      arguments (param_test).  A case
  *      passes when it exits 0 with "OK" last; exit 77 is a skip (a
  *      capability missing, printed).  The "aborts=" figures are summed.
  * Then "arm64 result: PASS" or "arm64 result: FAIL", and the VM powers off.
@@ -43,6 +45,7 @@
 
 #include "counter.h"
 #include "registration.h"
+#include "workload.h"
 
 static int failures;
 
@@ -299,6 +302,56 @@ static void run_case(char *line)
             printf("    %s\n", line);
 }
 
+/* The matrix of /cases covers every window inside a sequence (points below
+ * 7) that workload.c's table lists for each primitive: one home for that
+ * fact, and a point added there cannot be forgotten here. */
+static void check_coverage(void)
+{
+    static const char *const primitives[][2] = {
+        {"counter", "add"}, {"cbne", "cbne"}, {"bov", "bov"}, {"list", "list"},
+        {"store_store", "store_store"}, {"memcpy", "memcpy"}};
+    int missing = 0, covered = 0;
+    char first[64] = "";
+    FILE *cases = fopen("/cases", "re");
+    if (cases) {
+        if (!fgets(first, sizeof first, cases))
+            first[0] = 0;
+        fclose(cases);
+    }
+    if (strncmp(first, "# partial", 9) == 0) {
+        printf("arm64 matrix: a partial case list (RSEQ_ARM64_CASES): coverage not checked\n");
+        return;
+    }
+    for (size_t i = 0; i < sizeof primitives / sizeof primitives[0]; i++) {
+        unsigned int mask = 0;
+        for (size_t j = 0; j < workload_points_count; j++)
+            if (strcmp(workload_points[j].name, primitives[i][1]) == 0)
+                mask = workload_points[j].mask;
+        for (int point = 1; point < 7; point++) {
+            if (!(mask & (1u << point)))
+                continue;
+            char want_test[64], want_point[8], line[1024];
+            snprintf(want_test, sizeof want_test, " -T %s ", primitives[i][0]);
+            snprintf(want_point, sizeof want_point, " -%d ", point);
+            int found = 0;
+            FILE *f = fopen("/cases", "re");
+            while (f && !found && fgets(line, sizeof line, f))
+                found = strstr(line, "/param_test ") && strstr(line, want_test) &&
+                        strstr(line, want_point);
+            if (f)
+                fclose(f);
+            if (found) {
+                covered++;
+            } else {
+                missing++;
+                printf("arm64 matrix misses point %d of %s\n", point, primitives[i][0]);
+            }
+        }
+    }
+    check(missing == 0 && covered > 0, "the matrix covers every in-sequence point",
+          "%d (primitive, point) pairs of workload.c's table, %d missing", covered, missing);
+}
+
 static void run_cases(void)
 {
     FILE *f = fopen("/cases", "re");
@@ -322,6 +375,7 @@ int main(void)
     printf("arm64 init: start\n");
     registration_facts();
     counter_check();
+    check_coverage();
     run_cases();
     check(aborts_total > 0, "sequences aborted", "aborts=%ld over the passing cases",
           aborts_total);

@@ -23,12 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "_build" / "arm64-host"
 SCRIPT = ROOT / "tests" / "arch" / "arm64.sh"
-# param_test, and the workload library it is a thin main over where that
-# exists (the same sources as tests/stress/test_primitives.py builds).
-PARAM_TEST = [ROOT / "tests" / "c" / "param_test.c"]
-if (ROOT / "csrc" / "testing" / "workload.c").exists():
-    PARAM_TEST += [ROOT / "csrc" / "testing" / "workload.c",
-                   ROOT / "csrc" / "lib" / "registration.c", ROOT / "csrc" / "lib" / "cpus.c"]
+# param_test: a thin main over the stress workload that rseq._inject runs
+# too, with the package's registration (the sources test_primitives.py builds).
+PARAM_TEST = [ROOT / "tests" / "c" / "param_test.c", ROOT / "csrc" / "testing" / "workload.c",
+              ROOT / "csrc" / "lib" / "registration.c", ROOT / "csrc" / "lib" / "cpus.c"]
 CROSS = "aarch64-linux-gnu-"
 CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
           "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "csrc" / "testing"),
