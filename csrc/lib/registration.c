@@ -226,7 +226,7 @@ static int librseq_register_thread(void)
         return ENOSYS;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int probe = rseq_syscall(RSEQ_PROBE_ADDRESS, RSEQ_ORIG_SIZE, 0, RSEQ_SIG);
+    int probe = sys_rseq(RSEQ_PROBE_ADDRESS, RSEQ_ORIG_SIZE, 0, RSEQ_SIG);
     if (probe == -EFAULT) {
         errno = 0;
         err = reg() == 0 ? 0 : (errno ? errno : EINVAL);
