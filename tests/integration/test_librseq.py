@@ -52,8 +52,9 @@ def test_librseq_owner(fake_librseq):
                                         cpu_ok=rseq.cpu() in range(rseq.info().possible_cpus))
             out["thread_register"] = lib.fake_register()
             after = rseq.info()
-            out["thread_after"] = dict(owner=after.owner,
-                                       address_matches=after.area_address == lib.fake_area_address())
+            out["thread_after"] = dict(
+                owner=after.owner,
+                address_matches=after.area_address == lib.fake_area_address())
         t = threading.Thread(target=other)
         t.start(); t.join()
         out["fake_unregister"] = lib.fake_unregister()

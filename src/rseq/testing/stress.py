@@ -20,8 +20,8 @@ that plus one per kill.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -35,6 +35,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+
+import rseq
+
+# The test build: importing it loads a second extension (the per-CPU code
+# with delay loops), registers nothing and installs no handler, so there is
+# no reason to defer it.
+from .. import _inject
+from .._cli import positive_int
 
 ACTIONS = ("yield", "signal", "sleep")
 # Injection points (inject.h) that each structure passes through: 1-4 inside
@@ -150,7 +158,6 @@ class Disturber:
             self._pid = None
 
     def _run(self, parent: int) -> None:
-        import ctypes
         syscall = ctypes.CDLL(None, use_errno=True).syscall
         cpus = sorted(os.sched_getaffinity(0))
         rng = random.Random(1)
@@ -180,7 +187,6 @@ def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Distur
 
     Each child reports its abort count through shared memory before leaving
     without cleanup."""
-    from .. import _inject
     aborts = _SharedCounts(nworkers)
     pids = []
     for w in range(nworkers):
@@ -238,7 +244,6 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
 
 def _skip_reason(index: str, workers: str) -> str | None:
     """Why an index mode cannot run with this kind of worker, or None."""
-    import rseq
     if workers == "processes" and index == "mm_cid":
         return "mm_cid is per process: shared structures index by cpu_id"
     if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
@@ -256,8 +261,6 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
     one worker's operations, ``check()`` returns ``(expected, got)``.  The
     workers run as threads or forked processes while the injection point is
     widened and a disturber signals and migrates them."""
-    from .. import _inject
-
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         old_handler = signal.signal(signal.SIGUSR1, _ignore)
@@ -282,10 +285,6 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
 
 def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
                  nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    import rseq
-
-    from .. import _inject
-
     name = (f"{structure:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
     if workers == "processes" and structure != "arena":
@@ -332,14 +331,11 @@ def _arena_counter(inject, arena, key: str):
 # ---------------------------------------------------------------------------
 
 def primitive_names() -> tuple[str, ...]:
-    from .. import _inject
     return tuple(_inject.PRIMITIVES)
 
 
 def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
                    nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    from .. import _inject
-
     name = (f"{primitive:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
     skipped = _skip_reason(index, workers)
@@ -387,7 +383,6 @@ class KillResult:
 
 
 def _kill_worker(path: str, done_path: str, slot: int, key_space: int, seed: int):
-    import rseq
     rng = random.Random(seed)
     with open(done_path, "r+b") as f:
         done = mmap.mmap(f.fileno(), 0)
@@ -405,7 +400,8 @@ def _kill_worker(path: str, done_path: str, slot: int, key_space: int, seed: int
 
 
 def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
-    import rseq
+    if kills < 1 or workers < 1:
+        raise ValueError(f"kill_test needs kills >= 1 and workers >= 1, got {kills}, {workers}")
     rng = random.Random(seed)
     start = time.perf_counter()
     tmpdir = tempfile.mkdtemp(prefix="rseq-kill-")
@@ -472,8 +468,8 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
         if len(set(keys)) != len(keys):
             problems.append(f"duplicate keys: {sorted(keys)}")
         reopened.close()
-        return KillResult(killed, committed, got, len(keys), claimed_before, time.perf_counter() - start,
-                          problems)
+        return KillResult(killed, committed, got, len(keys), claimed_before,
+                          time.perf_counter() - start, problems)
     finally:
         for pid in running:
             os.kill(pid, signal.SIGKILL)
@@ -534,18 +530,7 @@ def _mm_cid_child(quick: bool, as_json: bool) -> list[dict]:
     return json.loads(proc.stdout)["cases"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rseq stress",
-                                     description="The per-CPU stress matrix and kill test.")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short slice of the matrix (what the default tests run)")
-    parser.add_argument("--index", choices=("cpu", "mm_cid", "both"), default="both")
-    parser.add_argument("--kills", type=int, default=100, help="SIGKILLs in the kill test")
-    parser.add_argument("--no-kill", action="store_true", help="skip the kill test")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    import rseq
-
+def _run(args) -> int:
     out = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
     facts = rseq.info()
     out(f"rseq stress: owner={facts.owner} critical_sections={facts.critical_sections} "
@@ -585,3 +570,17 @@ def main(argv: list[str] | None = None) -> int:
                           "kill": dataclasses.asdict(kill) | {"ok": kill.ok} if kill else None},
                          indent=1))
     return 0 if ok else 1
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("stress", help="the per-CPU stress matrix and the kill test",
+                              description="The per-CPU stress matrix and the kill test "
+                                          "(qualifies a kernel and CPU).")
+    p.add_argument("--quick", action="store_true",
+                   help="a short slice of the matrix (what the default tests run)")
+    p.add_argument("--index", choices=("cpu", "mm_cid", "both"), default="both")
+    p.add_argument("--kills", type=positive_int, default=100, metavar="N",
+                   help="SIGKILLs in the kill test (>= 1; --no-kill skips the test)")
+    p.add_argument("--no-kill", action="store_true", help="skip the kill test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run)
