@@ -208,11 +208,14 @@ class Model:
         area_fields = []
         for t in threads:
             area = t.k["rseq"][0]
-            area_fields.append({f: tb.a(area + offsets[f]) for f in ("cpu_id_start", "cpu_id", "rseq_cs")})
+            names = ("cpu_id_start", "cpu_id", "rseq_cs")
+            area_fields.append({f: tb.a(area + offsets[f]) for f in names})
         for addr in sorted(m.memory):
             tb.a(addr)
         read_only = ("node_id", "mm_cid")
-        unreadable = {t.k["rseq"][0] + offsets[f] for t in threads for f in read_only if f in offsets}
+        unreadable = {
+            t.k["rseq"][0] + offsets[f] for t in threads for f in read_only if f in offsets
+        }
         # walk every known state of every thread: addresses and values
         for t in threads:
             for s, step in enumerate(t.table.steps):
@@ -221,7 +224,7 @@ class Model:
                 cls = type(step)
                 if cls in (Load, Store, Cas):
                     if step.addr in unreadable and cls is Load:
-                        raise Unsupported(f"{t.name} reads {m.sym(step.addr)}, not in the Promela export")
+                        raise Unsupported(f"{t.name} reads {m.sym(step.addr)} (not exported)")
                     tb.a(step.addr)
                     if cls is Store:
                         tb.v(step.value)
@@ -230,7 +233,7 @@ class Model:
                         tb.v(step.new)
                 elif cls is Syscall:
                     if step.name not in _SYSCALL_RESULTS and step.name != "getcpu":
-                        raise Unsupported(f"{t.name} makes the system call {step.name}(), not exported")
+                        raise Unsupported(f"{t.name} makes the system call {step.name}()")
                 elif cls not in (Choose, Mark):
                     raise Unsupported(f"{t.name} yields {step!r}")
                 for event in t.table.edges[s]:
@@ -366,7 +369,8 @@ class Model:
         finished = [s for s in known if steps[s] is None]
         chooses = [s for s in known if type(steps[s]) is Choose]
         w(f"#define hasstep_{tid} ({' && '.join(f'pc[{tid}] != {s}' for s in finished) or 'true'})")
-        w(f"#define ischoose_{tid} ({' || '.join(f'pc[{tid}] == {s}' for s in chooses) or 'false'})")
+        choosing = " || ".join(f"pc[{tid}] == {s}" for s in chooses) or "false"
+        w(f"#define ischoose_{tid} ({choosing})")
         w(f"#define canstep_{tid} (cpu[{tid}] != NOCPU && status[{tid}] == 0 && hasstep_{tid} "
           f"&& !ischoose_{tid})")
         cond = " || ".join(f"(pc[{tid}] == {s} && k < {steps[s].n})" for s in chooses) or "false"
@@ -455,19 +459,21 @@ class Model:
             if not m.accessible(step.addr, step.size, True):
                 return "kill()"
             a = tb.a(step.addr)
-            return (f"val = mem[{a}]; if :: val == {tb.v(step.expected)} -> mem[{a}] = {tb.v(step.new)} "
+            return (f"val = mem[{a}]; if :: val == {tb.v(step.expected)} -> "
+                    f"mem[{a}] = {tb.v(step.new)} "
                     f":: else -> skip fi; " + branch_on("val"))
         if cls is Mark:
             return goto(None)
         if cls is Syscall:
             fatal = m.variant.syscall_in_cs == "fatal"
             pre = f"syscall_entry({tid}); " if fatal else ""
+            back = (f"if :: !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) "
+                    ":: else -> skip fi")
             if step.name == "getcpu":
-                return pre + "if :: !killed -> " + branch_on(f"cpu[{tid}]") + " :: else -> skip fi; " \
-                    + f"if :: !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) :: else -> skip fi"
+                return (pre + "if :: !killed -> " + branch_on(f"cpu[{tid}]")
+                        + " :: else -> skip fi; " + back)
             result = _SYSCALL_RESULTS[step.name]
-            return (pre + f"if :: !killed -> {goto(result)} :: else -> skip fi; "
-                    f"if :: !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) :: else -> skip fi")
+            return pre + f"if :: !killed -> {goto(result)} :: else -> skip fi; " + back
         raise Unsupported(f"{t.name} yields {step!r}")
 
     def _kernel(self, w, threads, tb, area_fields, ncpus) -> None:
@@ -482,13 +488,16 @@ class Model:
             w("  fi")
             w("}")
 
-        w("#define hasstep(t) (" + " || ".join(f"(t == {i + 1} && hasstep_{i + 1})" for i in range(n)) + ")")
+        any_step = " || ".join(f"(t == {i + 1} && hasstep_{i + 1})" for i in range(n))
+        w(f"#define hasstep(t) ({any_step})")
         w("#define waiting(t) (status[t] == 0 && cpu[t] == NOCPU && hasstep(t))")
-        w("#define alldone (" + " && ".join(f"(status[{i + 1}] != 0 || !hasstep_{i + 1})" for i in range(n)) + ")")
+        done = " && ".join(f"(status[{i + 1}] != 0 || !hasstep_{i + 1})" for i in range(n))
+        w(f"#define alldone ({done})")
         w("inline kill() {")
         w("  killed = 1;")
         for i in range(n):
-            w(f"  if :: status[{i + 1}] == 0 -> status[{i + 1}] = 2; cpu[{i + 1}] = NOCPU :: else -> skip fi;")
+            t = i + 1
+            w(f"  if :: status[{t}] == 0 -> status[{t}] = 2; cpu[{t}] = NOCPU :: else -> skip fi;")
         for c in range(ncpus):
             w(f"  cpus[{c}] = 0;")
         w("}")
@@ -498,7 +507,8 @@ class Model:
             "if :: mem[{rseq_cs}] == 0 -> skip "
             ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
             ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> mem[{rseq_cs}] = 0; abort_{tid}() fi; "
+            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
+            "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
             "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
         ))
         per_thread("syscall_entry", (
@@ -515,7 +525,8 @@ class Model:
         w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU; ev[t] = ev[t] | e; notify[t] = 1")
         w("}")
         w("inline schedule_in(t, c) {")
-        w(f"  if :: last[t] != NOCPU && last[t] != c -> ev[t] = ev[t] | {EV_MIGRATE}; notify[t] = 1 "
+        w("  if :: last[t] != NOCPU && last[t] != c -> "
+          f"ev[t] = ev[t] | {EV_MIGRATE}; notify[t] = 1 "
           ":: else -> skip fi;")
         w("  cpu[t] = c; cpus[c] = t;")
         w("  return_to_user(t)")
@@ -526,7 +537,8 @@ class Model:
         w("  if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
         w("}")
         w("inline migrate(t, c) {")
-        w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) :: else -> skip fi;")
+        w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) "
+          ":: else -> skip fi;")
         w(f"  switch_out(t, {EV_PREEMPT});")
         w("  schedule_in(t, c)")
         w("}")
@@ -612,7 +624,7 @@ class _Runner:
         names = [f for f in os.listdir(self.dir) if f.endswith(".trail")]
         return sorted(names, key=lambda f: int(re.sub(r"\D", "", f) or 0))
 
-    def trail(self, lines: dict[int, tuple], anchor: int, name: str = "model.pml.trail") -> list[tuple]:
+    def trail(self, lines: dict, anchor: int, name: str = "model.pml.trail") -> list[tuple]:
         """The moves of SPIN's trail: each scheduler branch is one line of
         the model, and spin -t -p names the line of every step it replays."""
         number = re.sub(r"\D", "", name.removesuffix(".trail").removeprefix("model.pml"))
