@@ -102,6 +102,9 @@ def _check_spin(args, scenario, bounds) -> int:
     if args.seed is not None:
         raise UsageError("--seed is the Python engine's random mode; not with --engine "
                          + args.engine)
+    why = spin.supported(scenario, args.variant or scenario.default_variant)
+    if why is not None:
+        raise UsageError(f"no Promela export of {scenario.name}: {why}")
     try:
         spin.tools()
         result = spin.check(scenario, args.variant, **bounds)
