@@ -206,3 +206,15 @@ def test_python_dash_m_entry_points():
         )
         assert proc.returncode == 1, proc.stderr
         assert "VIOLATED" in proc.stdout
+
+
+def test_timing_dependent_case_has_an_outcome_set_and_none_is_undecided():
+    from rseq.model.conformance import CASES, Undecided, predict_outcomes
+
+    by_name = {c.name: c for c in CASES}
+    assert predict_outcomes(by_name["unmap-after-register"]) == [["0"], ["0", "SIGSEGV"]]
+    for case in CASES:
+        try:
+            predict_outcomes(case)
+        except Undecided as why:  # pragma: no cover - the failure message
+            raise AssertionError(f"{case.name} is undecided: {why}") from None

@@ -169,8 +169,18 @@ class Undecided(Exception):
 
 
 def predict(case: Case, variant="linux-6.3") -> list[str]:
-    """The outcome the model gives for ``case`` (a variant name or object);
-    raises Undecided when the model cannot tell."""
+    """The outcome the model gives for ``case`` (a variant name or object)
+    when no event depends on timing; raises Undecided when the model cannot
+    tell.  See ``predict_outcomes`` for every outcome the model allows."""
+    return predict_outcomes(case, variant)[0]
+
+
+def predict_outcomes(case: Case, variant="linux-6.3") -> list[list[str]]:
+    """Every outcome the model allows for ``case``: the first is the one
+    without a timing-dependent event; after an unmapping of the registered
+    area, a preemption, migration or signal may come before each later
+    operation or before the exit, and the kernel's next write of the IDs
+    then kills the process."""
     variant = VARIANTS[variant] if isinstance(variant, str) else variant
     m = Machine(variant, ncpus=2)
     regions = case.regions() | {"A"} | ({"glibc"} if case.env == GLIBC else set())
@@ -192,11 +202,32 @@ def predict(case: Case, variant="linux-6.3") -> list[str]:
     if "R" in case.regions() and not any(op[0] == "protect" for op in case.ops):
         m.protect(_MODEL_BASE["R"], "r")
     out: list[str] = []
+    m.ghost["outcomes"] = []
     try:
         _model_ops(m, t, case.ops, out)
+        _timing_event(m, t, out)
     except Killed:
         out.append("SIGSEGV")
-    return out
+    alternatives = [o for o in m.ghost["outcomes"] if o != out]
+    return [out] + sorted({tuple(o): o for o in alternatives}.values())
+
+
+def _timing_event(m: Machine, t, out: list[str]) -> None:
+    """Where an event may come by timing (after an unmapping), record the
+    outcome if one comes now: the ID update on return to user space."""
+    if not m.ghost.get("unmapped") or t.k["rseq"] is None or t.k["cpu"] is None:
+        return
+    snap = m.snapshot()
+    t.k["events"] |= 1  # EV_PREEMPT
+    t.k["notify"] = True
+    try:
+        m.return_to_user(t)
+        outcome = list(out)
+    except Killed:
+        outcome = list(out) + ["SIGSEGV"]
+    outcomes = m.ghost["outcomes"]
+    m.restore(snap)
+    m.ghost["outcomes"] = outcomes + [outcome]
 
 
 def _addr(ref) -> int:
@@ -213,6 +244,7 @@ def _addr(ref) -> int:
 def _model_ops(m: Machine, t, ops, out: list[str]) -> None:
     variant = m.variant
     for i, op in enumerate(ops):
+        _timing_event(m, t, out)
         kind = op[0]
         if kind == "rseq":
             _, ref, length, flags, sig = op
@@ -229,10 +261,10 @@ def _model_ops(m: Machine, t, ops, out: list[str]) -> None:
         elif kind == "protect":
             m.protect(_MODEL_BASE[op[1]], op[2])
         elif kind == "munmap":
-            raise Undecided(
-                "the kernel writes the area again only after a preemption, migration or signal; "
-                "whether one comes before the process exits is timing"
-            )
+            # the kernel writes the area again only after a preemption,
+            # migration or signal: whether one comes, and when, is timing
+            m.unmap(_MODEL_BASE[op[1]])
+            m.ghost["unmapped"] = True
         elif kind == "thread":
             other = m.add_thread(f"T{len(m.threads) + 1}", None, None)
             m.schedule_in(other, 1)
@@ -412,12 +444,15 @@ class Row:
     kernel: list[str]
     model: list[str] | None
     undecided: str | None = None
+    #: every outcome the model allows, when timing decides among them
+    outcomes: list[list[str]] | None = None
 
     @property
     def verdict(self) -> str:
         if self.undecided is not None:
             return "undecided"
-        return "agree" if self.kernel == self.model else "DISAGREE"
+        allowed = self.outcomes or [self.model]
+        return "agree" if self.kernel in allowed else "DISAGREE"
 
 
 @dataclass
@@ -457,6 +492,7 @@ class Report:
                     "model": r.model,
                     "verdict": r.verdict,
                     "undecided": r.undecided,
+                    "outcomes": r.outcomes,
                 }
                 for r in self.rows
             ],
@@ -471,7 +507,10 @@ class Report:
             f"{'case':34} {'env':6} {'kernel':24} {'model':24} verdict",
         ]
         for r in self.rows:
-            model = " ".join(r.model) if r.model is not None else "-"
+            if r.outcomes and len(r.outcomes) > 1:
+                model = " | ".join(" ".join(o) for o in r.outcomes)
+            else:
+                model = " ".join(r.model) if r.model is not None else "-"
             lines.append(f"{r.case.name:34} {r.case.env:6} {' '.join(r.kernel):24} "
                          f"{model:24} {r.verdict}")
             if r.undecided:
@@ -511,7 +550,9 @@ def conformance(only: list[str] | None = None, variant: str = "linux-6.3") -> Re
             continue
         kernel = run_on_kernel(case)
         try:
-            rows.append(Row(case, kernel, predict(case, model_variant)))
+            outcomes = predict_outcomes(case, model_variant)
+            rows.append(Row(case, kernel, outcomes[0],
+                            outcomes=outcomes if len(outcomes) > 1 else None))
         except Undecided as why:
             rows.append(Row(case, kernel, None, str(why)))
     return Report(rows, _raw_rseq_impl()[1], variant, os.uname().release,
