@@ -794,6 +794,8 @@ static PyObject *metric_get(MetricObject *self, PyObject *Py_UNUSED(unused))
         return PyFloat_FromDouble((double)n + metric_read_double(&self->words, self->word + 1));
     }
     case KIND_GAUGE:
+        if (gauge_ready(self) < 0)
+            return NULL;
         return PyFloat_FromDouble(
             metric_bits_to_double(__atomic_load_n(&self->cell->value, __ATOMIC_RELAXED)));
     case KIND_OBSERVE: {

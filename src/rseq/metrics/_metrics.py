@@ -912,6 +912,8 @@ def collect_storage(st: Storage, skip: set[str] = frozenset()) -> Iterator[Metri
     for family in list(st.families_by_id.values()):
         if family.name not in skip:
             yield collect_family(st, family, live)
+    if not st.shared and not st.dropped():
+        return
     dropped = Metric(DROPPED_NAME, "Series, gauge cells and exemplars that could not be "
                      "stored (metrics file full, or its creation lock unavailable): their "
                      "updates are not exported", "counter")
@@ -984,7 +986,11 @@ class CollectorRegistry:
                 seen.add(metric.name)
                 yield metric
         if self._sweep:
-            yield from collect_storage(storage(), skip=seen)
+            st = storage()
+            if st.shared:
+                yield from collect_storage(st, skip=seen)
+            elif st.dropped():
+                yield from collect_storage(st, skip=set(st.families))
 
     def get_sample_value(self, name: str, labels: dict[str, str] | None = None
                          ) -> float | None:
