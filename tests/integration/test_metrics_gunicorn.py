@@ -36,7 +36,7 @@ import pytest
 from helpers.subproc import child_env
 
 pytest.importorskip("gunicorn")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families
 
 APP = '''
 import os, time
@@ -190,7 +190,8 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
         inode = os.stat(metrics_file).st_ino
         for pid in seen_pids - killed:
             try:
-                maps = open(f"/proc/{pid}/maps").read()
+                with open(f"/proc/{pid}/maps") as f:
+                    maps = f.read()
             except OSError:
                 continue
             shared = {(fields[4], fields[5]) for fields in

@@ -25,8 +25,8 @@ import pytest
 from helpers.subproc import child_env
 
 pytest.importorskip("prometheus_client")
-from prometheus_client.openmetrics import parser as om_parser  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.openmetrics import parser as om_parser
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def run(script: str, path, *, timeout: float = 120, check: bool = True,

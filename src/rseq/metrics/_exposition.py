@@ -243,7 +243,7 @@ def make_asgi_app(registry: Any = None) -> Callable:
 class _Handler(BaseHTTPRequestHandler):
     registry: Any = None
 
-    def do_GET(self):  # noqa: N802 (the http.server name)
+    def do_GET(self):  # the http.server name
         path, _, query = self.path.partition("?")
         try:
             body, headers = render(self.registry, self.headers.get("Accept"), query,
@@ -259,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format, *args):  # noqa: A002 (the http.server name)
+    def log_message(self, format, *args):  # the http.server signature
         pass
 
 

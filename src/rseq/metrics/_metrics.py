@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import _core, _procid
 from . import _storage
-from ._exposition import Exemplar, Metric, Sample
+from ._exposition import Exemplar, Metric
 from ._storage import Dropped, Storage
 
 INF = math.inf
