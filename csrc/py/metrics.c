@@ -232,6 +232,100 @@ static PyObject *metrics_map_read_floats(MetricsMapObject *m, PyObject *args)
     return list;
 }
 
+/* The scrape's bulk reads: one call per family instead of several per
+ * series.  A series whose state word's lane is 1 (removed) reads as None. */
+static int series_word(MetricsMapObject *m, PyObject *item, uint64_t span, uint64_t *out)
+{
+    unsigned long long w = PyLong_AsUnsignedLongLong(item);
+    if (w == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (!words_ok(m, w, span))
+        return -1;
+    *out = w;
+    return 0;
+}
+
+static PyObject *metrics_map_read_counters(MetricsMapObject *m, PyObject *words)
+{
+    PyObject *seq = PySequence_Fast(words, "read_counters: a list of words");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        uint64_t w;
+        PyObject *v;
+        if (series_word(m, PySequence_Fast_GET_ITEM(seq, i), 3, &w) < 0) {
+            Py_CLEAR(list);
+            break;
+        }
+        if (__atomic_load_n(&m->words.lanes[w + 2], __ATOMIC_ACQUIRE) == 1)
+            v = Py_NewRef(Py_None);
+        else
+            v = PyFloat_FromDouble((double)metric_read_int(&m->words, w)
+                                   + metric_read_double(&m->words, w + 1));
+        if (!v)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, v);
+    }
+    Py_DECREF(seq);
+    return list;
+}
+
+static PyObject *metrics_map_read_observations(MetricsMapObject *m, PyObject *args)
+{
+    PyObject *words;
+    unsigned int nb;
+    if (!PyArg_ParseTuple(args, "OI:read_observations", &words, &nb))
+        return NULL;
+    if (nb == 0 || nb > 100000) {
+        PyErr_SetString(PyExc_ValueError, "read_observations: 1 to 100000 buckets");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(words, "read_observations: a list of words");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *list = PyList_New(n);
+    for (Py_ssize_t i = 0; list && i < n; i++) {
+        uint64_t w;
+        PyObject *v;
+        if (series_word(m, PySequence_Fast_GET_ITEM(seq, i), (uint64_t)nb + 2, &w) < 0) {
+            Py_CLEAR(list);
+            break;
+        }
+        if (__atomic_load_n(&m->words.lanes[w + nb + 1], __ATOMIC_ACQUIRE) == 1) {
+            v = Py_NewRef(Py_None);
+        } else {
+            /* [cumulative count of each bucket..., sum] */
+            v = PyList_New((Py_ssize_t)nb + 1);
+            __int128 running = 0;
+            for (uint32_t b = 0; v && b < nb; b++) {
+                running += metric_read_int(&m->words, w + b);
+                PyObject *f = PyFloat_FromDouble((double)running);
+                if (!f)
+                    Py_CLEAR(v);
+                else
+                    PyList_SET_ITEM(v, b, f);
+            }
+            if (v) {
+                PyObject *f = PyFloat_FromDouble(metric_read_double(&m->words, w + nb));
+                if (!f)
+                    Py_CLEAR(v);
+                else
+                    PyList_SET_ITEM(v, nb, f);
+            }
+        }
+        if (!v)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i, v);
+    }
+    Py_DECREF(seq);
+    return list;
+}
+
 static struct metric_cell *cell_at(MetricsMapObject *m, unsigned long long i)
 {
     if (i >= m->ncells) {
@@ -325,6 +419,12 @@ static PyMethodDef metrics_map_methods[] = {
      "read_ints($self, word, n, /)\n--\n\nThe sums of n integer words."},
     {"read_floats", (PyCFunction)metrics_map_read_floats, METH_VARARGS,
      "read_floats($self, word, n, /)\n--\n\nThe sums of n float words."},
+    {"read_counters", (PyCFunction)metrics_map_read_counters, METH_O,
+     "read_counters($self, words, /)\n--\n\n"
+     "The value of each counter series (its first word), None if removed."},
+    {"read_observations", (PyCFunction)metrics_map_read_observations, METH_VARARGS,
+     "read_observations($self, words, nbuckets, /)\n--\n\n"
+     "[cumulative bucket counts..., sum] of each series, None if removed."},
     {"read_cell", (PyCFunction)metrics_map_read_cell, METH_O,
      "read_cell($self, index, /)\n--\n\n(value, timestamp, generation) of a gauge cell."},
     {"reset_cell", (PyCFunction)metrics_map_reset_cell, METH_VARARGS,

@@ -66,6 +66,8 @@ def format_float(value: float) -> str:
     exponent from 1e+07 on for positive numbers, so bucket bounds are in the
     canonical form the OpenMetrics parser expects."""
     value = float(value)
+    if -math.inf < value < 1e6:     # the common case: Python's repr is Go's
+        return repr(value)
     if math.isinf(value):
         return "+Inf" if value > 0 else "-Inf"
     if math.isnan(value):
@@ -80,6 +82,21 @@ def format_float(value: float) -> str:
 
 def _escape_label(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def label_text(labels: dict[str, str]) -> str:
+    """``{a="1",b="2"}`` (names sorted, values escaped), or "" for none."""
+    return _labels(labels)
+
+
+def exemplar_text(e: Any) -> str:
+    """`` # {labels} value [timestamp]`` (OpenMetrics), or "" for None."""
+    if e is None:
+        return ""
+    text = f" # {_labels(e.labels) or '{}'} {format_float(e.value)}"
+    if e.timestamp is not None:
+        text += f" {float(e.timestamp)!r}"
+    return text
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -109,7 +126,11 @@ def generate_text(families: Iterable[Any]) -> bytes:
         help_text = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
         extra: dict[str, list[str]] = {}
-        for s in metric.samples:
+        fast = getattr(metric, "_render", None)
+        if fast is not None:
+            lines, extra = fast(False)
+            out.extend(lines)
+        for s in ([] if fast is not None else metric.samples):
             line = f"{s.name}{_labels(s.labels)} {format_float(s.value)}"
             if s.timestamp is not None:
                 line += f" {int(float(s.timestamp) * 1000)}"
@@ -133,13 +154,16 @@ def generate_openmetrics(families: Iterable[Any]) -> bytes:
     out: list[str] = []
     for metric in families:
         kind = "unknown" if metric.type == "untyped" else metric.type
-        omit_sum = kind == "histogram" and _negative_histogram(metric)
+        fast = getattr(metric, "_render", None)
+        omit_sum = fast is None and kind == "histogram" and _negative_histogram(metric)
         help_text = (metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
                      .replace('"', r"\""))
         out.append(f"# HELP {metric.name} {help_text}\n# TYPE {metric.name} {kind}\n")
         if metric.unit:
             out.append(f"# UNIT {metric.name} {metric.unit}\n")
-        for s in metric.samples:
+        if fast is not None:
+            out.extend(fast(True)[0])
+        for s in ([] if fast is not None else metric.samples):
             if omit_sum and s.name in (metric.name + "_sum", metric.name + "_count"):
                 continue
             line = f"{s.name}{_labels(s.labels)} {format_float(s.value)}"
@@ -148,10 +172,7 @@ def generate_openmetrics(families: Iterable[Any]) -> bytes:
             if s.exemplar is not None and (
                     (kind in ("histogram", "gaugehistogram") and s.name.endswith("_bucket"))
                     or (kind == "counter" and s.name.endswith("_total"))):
-                e = s.exemplar
-                line += f" # {_labels(e.labels) or '{}'} {format_float(e.value)}"
-                if e.timestamp is not None:
-                    line += f" {float(e.timestamp)!r}"
+                line += exemplar_text(s.exemplar)
             out.append(line + "\n")
     out.append("# EOF\n")
     return "".join(out).encode("utf-8")

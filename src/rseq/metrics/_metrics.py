@@ -22,7 +22,7 @@ from typing import Any
 
 from .. import _core, _procid
 from . import _storage
-from ._exposition import Exemplar, Metric
+from ._exposition import Exemplar, Metric, Sample
 from ._storage import Dropped, Storage
 
 INF = math.inf
@@ -230,7 +230,15 @@ def _decorate(fn, make):
 # The common part of every metric
 # ---------------------------------------------------------------------------
 
+# Attributes of every metric: the C-based classes keep them in __slots__
+# (no instance dict: ``c.inc`` is then the fastest attribute lookup CPython
+# has, the same for a parent and a child built by labels()).
+_COMMON_SLOTS = ("_name", "_documentation", "_unit", "_labelnames", "_labelvalues", "_store",
+                 "_family", "_children_lock", "_parent", "_series", "__weakref__")
+
+
 class _Family:
+    __slots__ = ()
     _type = ""
     _storage_type = ""
     _reserved_labelnames: tuple[str, ...] = ()
@@ -422,6 +430,7 @@ class Counter(_core._CounterBase, _Family):
     them; the value is their total.
     """
 
+    __slots__ = _COMMON_SLOTS
     _type = "counter"
     _storage_type = "counter"
 
@@ -483,6 +492,7 @@ class Gauge(_core._GaugeBase, _Family):
     the next scrape, without any hook.
     """
 
+    __slots__ = (*_COMMON_SLOTS, "_multiprocess_mode", "_function")
     _type = "gauge"
     _storage_type = "gauge"
 
@@ -566,6 +576,7 @@ class Histogram(_core._ObserveBase, _Family):
     exemplar=None)``, ``time()``.  Bucket counts are exact 64-bit per-CPU
     counts; the sum is a float per CPU."""
 
+    __slots__ = (*_COMMON_SLOTS, "_upper_bounds")
     _type = "histogram"
     _storage_type = "histogram"
     _reserved_labelnames = ("le",)
@@ -625,6 +636,7 @@ class Summary(_core._ObserveBase, _Family):
     """Count and sum of observations (no quantiles, as prometheus_client):
     ``observe(amount)``, ``time()``."""
 
+    __slots__ = _COMMON_SLOTS
     _type = "summary"
     _storage_type = "summary"
     _reserved_labelnames = ("quantile",)
@@ -658,6 +670,7 @@ class Info(_Family):
     ``NAME_info{...} 1``.  Shared across processes: the last ``info()``
     wins."""
 
+    __slots__ = ("__dict__",)
     _type = "info"
     _storage_type = "info"
 
@@ -723,6 +736,7 @@ class Enum(_Family):
     stateset (a gauge per state in text 0.0.4).  Shared across processes:
     the last ``state()`` wins."""
 
+    __slots__ = ("__dict__",)
     _type = "enum"
     _storage_type = "stateset"
 
@@ -831,10 +845,119 @@ def _gauge_values(st: Storage, series: _storage.Series, live: _Liveness,
     return out
 
 
+class StoredMetric:
+    """A counter, histogram or summary family read from storage, in
+    prometheus_client's ``Metric`` shape.  The exposition renders it
+    straight from the values read in bulk, with each series' label text
+    cached, which is what keeps a scrape of thousands of series in
+    milliseconds; ``samples`` are built only when something asks for them
+    (get_sample_value, a name filter, prometheus_client)."""
+
+    def __init__(self, st: Storage, family: _storage.Family, name: str, rows: list):
+        self.name = name
+        self.documentation = family.help
+        self.type = family.type
+        self.unit = family.unit
+        self._st = st
+        self._family = family
+        self._rows = rows
+        self._samples: list[Sample] | None = None
+
+    @property
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            self._samples = self._build_samples()
+        return self._samples
+
+    @samples.setter
+    def samples(self, value: list[Sample]) -> None:
+        self._samples = value
+
+    def add_sample(self, name: str, labels: dict[str, str], value: float,
+                   timestamp: float | None = None, exemplar: Exemplar | None = None) -> None:
+        self.samples.append(Sample(name, labels, value, timestamp, exemplar))
+
+    def _build_samples(self) -> list[Sample]:
+        out: list[Sample] = []
+        name, st, family = self.name, self._st, self._family
+        for series, values in self._rows:
+            labels = dict(zip(family.labelnames, series.values))
+            if self.type == "counter":
+                out.append(Sample(name + "_total", labels, values,
+                                  None, _read_exemplar(st, series, 0)))
+            elif self.type == "histogram":
+                for bucket, bound in enumerate(family.buckets):
+                    out.append(Sample(name + "_bucket", {**labels, "le": _le(bound)},
+                                      values[bucket], None,
+                                      _read_exemplar(st, series, bucket)))
+                out.append(Sample(name + "_count", labels, values[-2]))
+                out.append(Sample(name + "_sum", labels, values[-1]))
+            else:
+                out.append(Sample(name + "_count", labels, values[0]))
+                out.append(Sample(name + "_sum", labels, values[1]))
+            out.append(Sample(name + "_created", labels, series.created))
+        return out
+
+    def _render(self, openmetrics: bool) -> tuple[list[str], dict[str, list[str]]]:
+        """(sample lines, text format's extra families by suffix)."""
+        from ._exposition import exemplar_text, format_float
+        name, st, family = self.name, self._st, self._family
+        lines: list[str] = []
+        created: list[str] = []
+        omit_sum = False
+        if openmetrics and self.type == "histogram":
+            omit_sum = family.buckets[0] < 0 or any(v[-1] < 0 for _, v in self._rows)
+        for series, values in self._rows:
+            text = series.text
+            if text is None:
+                text = series.text = _label_text(dict(zip(family.labelnames, series.values)))
+                series.created_text = format_float(series.created)
+            if self.type == "counter":
+                line = f"{name}_total{text} {format_float(values)}"
+                if openmetrics and series.exemplars:
+                    line += exemplar_text(_read_exemplar(st, series, 0))
+                lines.append(line + "\n")
+            elif self.type == "histogram":
+                bucket_texts = series.bucket_texts
+                if bucket_texts is None:
+                    labels = dict(zip(family.labelnames, series.values))
+                    bucket_texts = series.bucket_texts = [
+                        _label_text({**labels, "le": _le(b)}) for b in family.buckets]
+                for bucket, bucket_text in enumerate(bucket_texts):
+                    line = f"{name}_bucket{bucket_text} {format_float(values[bucket])}"
+                    if openmetrics and series.exemplars:
+                        line += exemplar_text(_read_exemplar(st, series, bucket))
+                    lines.append(line + "\n")
+                if not omit_sum:
+                    lines.append(f"{name}_count{text} {format_float(values[-2])}\n")
+                    lines.append(f"{name}_sum{text} {format_float(values[-1])}\n")
+            else:
+                lines.append(f"{name}_count{text} {format_float(values[0])}\n")
+                lines.append(f"{name}_sum{text} {format_float(values[1])}\n")
+            (lines if openmetrics else created).append(
+                f"{name}_created{text} {series.created_text}\n")
+        return lines, ({"_created": created} if created else {})
+
+
+def _label_text(labels: dict[str, str]) -> str:
+    from ._exposition import label_text
+    return label_text(labels)
+
+
 def collect_family(st: Storage, family: _storage.Family, live: _Liveness,
-                   name: str | None = None) -> Metric:
+                   name: str | None = None) -> Metric | StoredMetric:
     """One family, every live series, from storage."""
     name = name or family.name
+    if family.type in ("counter", "histogram", "summary"):
+        series = list(family.series.values())
+        words = [s.word for s in series]
+        if family.type == "counter":
+            values = st.map.read_counters(words)
+        else:
+            nb = len(family.buckets) if family.type == "histogram" else 1
+            values = st.map.read_observations(words, nb)
+        rows = [(s, v) for s, v in zip(series, values) if v is not None]
+        return StoredMetric(st, family, name, rows)
     metric = Metric(name, family.help, family.type, family.unit)
     labelnames = family.labelnames
     for values, series in list(family.series.items()):

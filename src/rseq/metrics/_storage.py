@@ -177,7 +177,8 @@ class Family:
 
 
 class Series:
-    __slots__ = ("id", "family", "values", "word", "nwords", "created", "cells", "exemplars")
+    __slots__ = ("id", "family", "values", "word", "nwords", "created", "cells", "exemplars",
+                 "text", "created_text", "bucket_texts")
 
     def __init__(self, record: dict, family: Family):
         self.id = record["id"]
@@ -188,6 +189,10 @@ class Series:
         self.created = record["created"]
         self.cells: dict[int, int] = {}          # process entry -> cell
         self.exemplars: dict[int, int] = {}      # bucket -> exemplar cell
+        # Exposition text cached by the scrape (label set, creation time).
+        self.text: str | None = None
+        self.created_text = ""
+        self.bucket_texts: list[str] | None = None
 
     @property
     def state_word(self) -> int:
