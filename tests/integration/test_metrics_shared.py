@@ -72,7 +72,7 @@ def test_counts_exact_across_processes_under_the_disturber(tmp_path):
         from rseq.metrics import Counter, Histogram, generate_latest, REGISTRY
         from rseq.testing.stress import Disturber
         signal.signal(signal.SIGUSR1, lambda *a: None)
-        N, WORKERS = 20000, 4
+        N, WORKERS = 100000, 4
         c = Counter("ops", "ops")
         labelled = Counter("req", "req", ["worker"])
         floats = Counter("bytes", "bytes")
@@ -105,7 +105,7 @@ def test_counts_exact_across_processes_under_the_disturber(tmp_path):
                           "b05": get("lat_bucket", {"le": "0.5"}),
                           "sum": get("lat_sum")}))
     """, path)
-    n, workers = 20000, 4
+    n, workers = 100000, 4
     assert out["codes"] == [0] * workers
     assert out["ops"] == n * workers
     assert out["w0"] == out["w1"] == n * workers / 2
@@ -421,19 +421,34 @@ def test_capacity_exhaustion_never_breaks_the_application(tmp_path):
         m.configure(words=64, cells=4, exemplars=1, processes=2, catalog_size=4096)
         c = m.Counter("req", "r", ["id"])
         g = m.Gauge("g", "g", ["id"])
-        for i in range(100):
+        h = m.Histogram("h", "h", ["id"], buckets=(1, 2))
+        for i in range(3000):
             child = c.labels(str(i))
             child.inc(2)
             child.inc(1, exemplar={"t": str(i)})
             g.labels(str(i)).set(i)
+            assert g.labels(str(i))._get() == i
+            h.labels(str(i)).observe(1.5, exemplar={"t": "x"})
             assert child._get() == 3.0
+        # Declarations past the catalog's room: the metrics work, unexported.
+        more = [m.Counter(f"late_{i}", "x" * 200, ["a"]) for i in range(40)]
+        for late in more:
+            late.labels("1").inc()
+            assert late.labels("1")._get() == 1
+        e = m.Enum("late_enum", "x" * 500, states=["a", "b"])
+        e.state("b")
+        i = m.Info("late_info", "x" * 500)
+        i.info({"v": "1"})
+        text = m.generate_latest().decode()
         print(json.dumps({"dropped": m.REGISTRY.get_sample_value(
                               "rseq_metrics_dropped_series_total"),
+                          "late": "late_39" in text,
                           "exported": sum(1 for mf in m.REGISTRY.collect() if mf.name == "req"
                                           for s in mf.samples if s.name == "req_total")}))
     """, path)
-    assert out["dropped"] > 100
+    assert out["dropped"] > 3000
     assert 1 <= out["exported"] < 100
+    assert not out["late"]
     values = samples(path)
     assert values[("rseq_metrics_dropped_series_total", ())] == out["dropped"]
 

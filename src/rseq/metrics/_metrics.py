@@ -99,8 +99,8 @@ def _sink() -> Storage:
     exported)."""
     with _state.lock:
         if _state.sink is None:
-            _state.sink = Storage.private(words=4096, cells=256, exemplars=16,
-                                          catalog_size=1 << 20, sink=True)
+            _state.sink = Storage.private(words=1 << 17, cells=4096, exemplars=1,
+                                          catalog_size=4096, sink=True)
         return _state.sink
 
 
@@ -267,7 +267,9 @@ class _Family:
         except Dropped:
             self._store.count_dropped()
             self._store = _sink()
-            self._declare(self._store, unique=True)
+            self._family = _storage.Family.detached(
+                self._name, self._storage_type, self._documentation, self._unit,
+                self._labelnames, **self._declaration())
         self._children = {} if labelnames else None
         self._children_lock = threading.Lock()
         self._parent: _Family | None = None
@@ -279,10 +281,9 @@ class _Family:
     def _options(self) -> None:
         pass
 
-    def _declare(self, st: Storage, unique: bool = False) -> None:
-        name = f"{self._name}#{id(self)}" if unique else self._name
-        self._family = st.declare(name, self._storage_type, self._documentation, self._unit,
-                                  self._labelnames, **self._declaration())
+    def _declare(self, st: Storage) -> None:
+        self._family = st.declare(self._name, self._storage_type, self._documentation,
+                                  self._unit, self._labelnames, **self._declaration())
 
     def _declaration(self) -> dict:
         return {}
@@ -378,12 +379,13 @@ class _Family:
         except Dropped:
             if not st.sink:
                 st.count_dropped()
-            sink = _sink()
-            family = sink.declare(f"{self._name}#{id(self)}", self._storage_type,
-                                  self._documentation, self._unit, self._labelnames,
-                                  **self._declaration())
-            self._series = sink.series(family, self._series_values())
-            self._attach(sink, self._series)
+            # Private words or a private cell, outside any catalog, reused
+            # round-robin: never exported, and never able to fail.
+            self._series = None
+            self._attach_sink(_sink())
+
+    def _attach_sink(self, sink: Storage) -> None:
+        raise NotImplementedError
 
     def _series_values(self) -> tuple[str, ...]:
         return self._labelvalues
@@ -401,6 +403,8 @@ class _Family:
 
     def collect(self) -> list[Metric]:
         st = self._store
+        if st.sink:     # the declaration itself could not be stored: not exported
+            return []
         st.refresh()
         return [collect_family(st, self._family, _Liveness(st), name=self._name)]
 
@@ -442,6 +446,9 @@ class Counter(_core._CounterBase, _Family):
 
     def _attach(self, st: Storage, series: _storage.Series) -> None:
         self._bind_counter(st.map, series.word)
+
+    def _attach_sink(self, sink: Storage) -> None:
+        self._bind_counter(sink.map, sink.sink_words(3))
 
     def _inc_slow(self, amount: Any = 1, exemplar: dict | None = None) -> None:
         if not self._bound:
@@ -522,6 +529,9 @@ class Gauge(_core._GaugeBase, _Family):
     def _attach(self, st: Storage, series: _storage.Series) -> None:
         cell = st.gauge_cell(series)
         self._bind_gauge(st.map, cell, self._multiprocess_mode.endswith("mostrecent"))
+
+    def _attach_sink(self, sink: Storage) -> None:
+        self._bind_gauge(sink.map, sink.sink_cell(), False)
 
     def _rebind(self) -> None:
         """After fork(): this process's own cell (its values start at zero,
@@ -612,6 +622,10 @@ class Histogram(_core._ObserveBase, _Family):
     def _attach(self, st: Storage, series: _storage.Series) -> None:
         self._bind_observe(st.map, series.word, self._upper_bounds, False)
 
+    def _attach_sink(self, sink: Storage) -> None:
+        self._bind_observe(sink.map, sink.sink_words(len(self._upper_bounds) + 2),
+                           self._upper_bounds, False)
+
     def _observe_slow(self, amount: Any = None, exemplar: dict | None = None) -> None:
         if not self._bound:
             raise self._unbound_error()
@@ -649,6 +663,9 @@ class Summary(_core._ObserveBase, _Family):
 
     def _attach(self, st: Storage, series: _storage.Series) -> None:
         self._bind_observe(st.map, series.word, (INF,), True)
+
+    def _attach_sink(self, sink: Storage) -> None:
+        self._bind_observe(sink.map, sink.sink_words(3), (INF,), True)
 
     def _observe_slow(self, amount: Any = None) -> None:
         if not self._bound:
@@ -767,13 +784,18 @@ class Enum(_Family):
 
     def _attach(self, st: Storage, series: _storage.Series) -> None:
         self._bound_store = st
+        self._word = series.word
+
+    def _attach_sink(self, sink: Storage) -> None:
+        self._bound_store = sink
+        self._word = sink.sink_words(2)
 
     def state(self, state: str) -> None:
         """Set the current state."""
         if self._labelnames and not self._labelvalues:
             raise self._unbound_error()
         index = self._states.index(state)
-        self._bound_store.set_lane(self._series.word, index)
+        self._bound_store.set_lane(self._word, index)
 
 
 # ---------------------------------------------------------------------------
@@ -782,7 +804,7 @@ class Enum(_Family):
 
 def _write_exemplar(metric: _Family, bucket: int, exemplar: dict, value: float) -> None:
     st = metric._store
-    if st.sink:
+    if st.sink or metric._series is None:    # the series itself was not stored
         return
     data = json.dumps(exemplar, separators=(",", ":"), ensure_ascii=False).encode()
     if len(data) > _core.METRIC_EXEMPLAR_LABELS:

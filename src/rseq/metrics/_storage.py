@@ -171,6 +171,16 @@ class Family:
         self.mode = record.get("mode")
         self.series: dict[tuple, Series] = {}     # the newest series per label values
 
+    @classmethod
+    def detached(cls, name: str, kind: str, documentation: str, unit: str, labelnames: tuple,
+                 buckets: tuple | None = None, states: tuple | None = None,
+                 mode: str | None = None) -> Family:
+        """A family that is in no catalog (its declaration was dropped)."""
+        return cls({"id": -1, "name": name, "type": kind, "help": documentation,
+                    "unit": unit, "labels": list(labelnames),
+                    "buckets": list(buckets) if buckets is not None else None,
+                    "states": list(states) if states is not None else None, "mode": mode})
+
     def signature(self) -> dict:
         return {"type": self.type, "unit": self.unit, "labelnames": self.labelnames,
                 "buckets": self.buckets, "states": self.states, "mode": self.mode}
@@ -557,6 +567,17 @@ class Storage:
             if cell is None:
                 cell = self._allocate(EXEMPLARS_USED, 1, self.layout.exemplars, "exemplars")
                 self._append({"k": "e", "series": series.id, "bucket": bucket, "cell": cell})
+            return cell
+
+    def sink_words(self, count: int) -> int:
+        """Private words for a series that was not stored (sink only)."""
+        with self._guard:
+            return self._allocate(WORDS_USED, count, self.layout.words, "words")
+
+    def sink_cell(self) -> int:
+        with self._guard:
+            cell = self._allocate(CELLS_USED, 1, self.layout.cells, "gauge cells")
+            self.map.reset_cell(cell, 1)
             return cell
 
     def count_dropped(self) -> None:
