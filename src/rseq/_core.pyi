@@ -85,6 +85,8 @@ class _ArenaMap:
 
 METRIC_EXEMPLAR_LABELS: Final[int]
 
+def _specialize_metric_methods(cls: type, /) -> None: ...
+
 class _MetricsMap:
     def __init__(self, buffer: Any, writable: bool, regions_offset: int, region_size: int,
                  ncpu: int, lanes_offset: int, nwords: int, cells_offset: int, ncells: int,

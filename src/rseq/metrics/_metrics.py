@@ -678,6 +678,10 @@ class Summary(_core._ObserveBase, _Family):
         return _Timer(self.observe)
 
 
+for _cls in (Counter, Gauge, Histogram, Summary):
+    _core._specialize_metric_methods(_cls)
+
+
 # ---------------------------------------------------------------------------
 # Info and Enum
 # ---------------------------------------------------------------------------
