@@ -277,7 +277,7 @@ def test_gauge_modes_and_killed_processes(tmp_path):
 
 
 def test_dead_entries_are_reused_and_fork_gets_its_own_value(tmp_path):
-    """200 short-lived processes set a gauge one after the other: the
+    """100 short-lived processes set a gauge one after the other: the
     process entries and gauge cells used stay at two (parent and the current
     child), the file does not grow, and a child's gauge starts at zero
     instead of writing into its parent's value."""
@@ -289,7 +289,7 @@ def test_dead_entries_are_reused_and_fork_gets_its_own_value(tmp_path):
         g.labels("a").set(7)
         size = os.path.getsize(os.environ["RSEQ_METRICS"])
         firsts = []
-        for i in range(200):
+        for i in range(100):
             r, w = os.pipe()
             pid = os.fork()
             if pid == 0:
@@ -558,3 +558,24 @@ def test_readonly_file_for_an_exporter_of_another_mode(tmp_path):
     """, path)
     assert out == {"value": 1.0, "wrote": False}
     time.sleep(0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the exporter as nobody")
+def test_exporter_as_another_user(request):
+    """The application (root here) makes its metrics file 0644; the exporter
+    command, run as nobody, renders it read-only."""
+    name = f"rseq-metrics-test-{os.getpid()}"
+    path = f"/dev/shm/{name}"
+    request.addfinalizer(lambda: os.path.exists(path) and os.unlink(path))
+    run('from rseq.metrics import Counter; Counter("other_user", "x").inc(7)', name)
+    os.chmod(path, 0o644)
+
+    def as_nobody():
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+    proc = subprocess.run([sys.executable, "-m", "rseq", "metrics", "show", name],
+                          env=child_env(), capture_output=True, text=True, timeout=60,
+                          preexec_fn=as_nobody, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert "other_user_total 7.0" in proc.stdout
