@@ -309,8 +309,8 @@ def plot(results: dict, path: str) -> None:
         labels = list(result["ns"])
         values = [result["ns"][k] for k in labels]
         colors = ["#888888" if k == result["floor"] else
-                  "#1f77b4" if k.startswith(("rseq", "PerCpu", "Arena")) or "[rseq" in k else "#d62728"
-                  for k in labels]
+                  "#1f77b4" if k.startswith(("rseq", "PerCpu", "Arena")) or "[rseq" in k
+                  else "#d62728" for k in labels]
         ax.barh(labels, values, color=colors)
         ax.set_xscale("log")
         ax.set_xlabel(f"{result['unit']} (log scale; grey: call floor, blue: rseq)")
