@@ -34,6 +34,7 @@ import urllib.request
 import pytest
 
 from helpers.subproc import child_env
+from rseq import _procid
 
 pytest.importorskip("gunicorn")
 from prometheus_client.parser import text_string_to_metric_families
@@ -109,7 +110,7 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
          "--worker-tmp-dir", str(work_tmp), "app:app"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     seen_pids: set[int] = set()
-    killed: set[int] = set()
+    killed: dict[int, int | None] = {}     # pid -> its start time
     answered = {"/work": 0, "/slow": 0}
     killed_in_flight = 0
     try:
@@ -131,10 +132,11 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
                 except (urllib.error.URLError, ConnectionError):
                     pass   # the worker died under it: not counted (see above)
             # An idle worker killed with SIGKILL.
-            victim = max(seen_pids - killed)
+            victim = max(seen_pids - set(killed))
+            started = _procid.start_time(victim)
             try:
                 os.kill(victim, signal.SIGKILL)
-                killed.add(victim)
+                killed[victim] = started
             except ProcessLookupError:
                 pass       # already replaced after max_requests
             # A worker killed in the middle of a request.
@@ -154,8 +156,9 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
                 pid = int(text[0]) if text else None
                 time.sleep(0.005)
             if pid is not None and round_ % 2 == 0:
+                started = _procid.start_time(pid)
                 os.kill(pid, signal.SIGKILL)
-                killed.add(pid)
+                killed[pid] = started
                 killed_in_flight += 1
             t.join(timeout=30)
             if "pid" in outcome:
@@ -166,7 +169,12 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
             values = scrape(base)
             up_pids = {int(dict(labels)["pid"]) for (name, labels) in values
                        if name == "app_worker_up"}
-            assert not up_pids & killed, (up_pids, killed)
+            # pid_max may be small (32768 here) and the machine busy: a killed
+            # worker's pid may already belong to a new worker.  Identities
+            # are (pid, start time), as in the metrics file.
+            stale = {p for p in up_pids & set(killed)
+                     if _procid.start_time(p) in (None, killed[p])}
+            assert not stale, (up_pids, killed)
             assert values[("app_inprogress", ())] == 0, values
         elapsed = time.monotonic() - start
         values = scrape(base)
@@ -188,7 +196,7 @@ def test_gunicorn_workers_killed_and_replaced(tmp_path):
         # file (compared by inode: the arbiter mapped it before publishing
         # it under its name, so maps may show the temporary name).
         inode = os.stat(metrics_file).st_ino
-        for pid in seen_pids - killed:
+        for pid in seen_pids - set(killed):
             try:
                 with open(f"/proc/{pid}/maps") as f:
                     maps = f.read()

@@ -570,12 +570,28 @@ def test_exporter_as_another_user(request):
     run('from rseq.metrics import Counter; Counter("other_user", "x").inc(7)', name)
     os.chmod(path, 0o644)
 
-    def as_nobody():
-        os.setgroups([])
-        os.setgid(65534)
-        os.setuid(65534)
-    proc = subprocess.run([sys.executable, "-m", "rseq", "metrics", "show", name],
-                          env=child_env(), capture_output=True, text=True, timeout=60,
-                          preexec_fn=as_nobody, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    assert "other_user_total 7.0" in proc.stdout
+    # Everything imported first: nobody may not read this interpreter's
+    # standard library (under /root here).
+    import rseq.metrics._cli  # noqa: F401
+    from rseq._cli import build_parser, main
+    build_parser()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            sys.stdout = sys.stderr = os.fdopen(write_end, "w")
+            code = main(["metrics", "show", name])
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert "other_user_total 7.0" in out
