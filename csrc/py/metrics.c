@@ -458,6 +458,13 @@ static PyType_Spec metrics_map_spec = {
 
 enum { KIND_UNBOUND = 0, KIND_COUNTER, KIND_OBSERVE, KIND_GAUGE };
 
+/* Free-threaded builds skip the cache (its entries are replaced without a
+ * lock, which only the GIL makes safe); the dict lookup remains. */
+#ifdef Py_GIL_DISABLED
+#define LABELS_CACHE_ON 0
+#else
+#define LABELS_CACHE_ON 1
+#endif
 #define LABELS_CACHE 8
 #define LABELS_CACHED_ARGS 4
 
@@ -763,7 +770,8 @@ static PyObject *metric_labels(MetricObject *self, PyObject *const *args, Py_ssi
 {
     if (kwnames == NULL && nargs > 0 && self->children && PyDict_CheckExact(self->children)) {
         unsigned slot = 0;
-        if (nargs <= LABELS_CACHED_ARGS) {
+        int cached = LABELS_CACHE_ON && nargs <= LABELS_CACHED_ARGS;
+        if (cached) {
             slot = cache_slot(args, nargs);
             if (self->cache[slot].nargs == nargs) {
                 Py_ssize_t i = 0;
@@ -784,7 +792,7 @@ static PyObject *metric_labels(MetricObject *self, PyObject *const *args, Py_ssi
         PyObject *child = PyDict_GetItemWithError(self->children, key);
         Py_DECREF(key);
         if (child) {
-            if (nargs <= LABELS_CACHED_ARGS) {
+            if (cached) {
                 PyObject *old_args[LABELS_CACHED_ARGS];
                 Py_ssize_t old_n = self->cache[slot].nargs;
                 PyObject *old_child = self->cache[slot].child;
