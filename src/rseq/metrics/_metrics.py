@@ -975,14 +975,15 @@ def collect_family(st: Storage, family: _storage.Family, live: _Liveness,
     """One family, every live series, from storage."""
     name = name or family.name
     if family.type in ("counter", "histogram", "summary"):
-        series = list(family.series.values())
-        words = [s.word for s in series]
+        stored = list(family.series.values())
+        words = [s.word for s in stored]
+        read: list[Any]
         if family.type == "counter":
-            values = st.map.read_counters(words)
+            read = st.map.read_counters(words)
         else:
-            nb = len(family.buckets) if family.type == "histogram" else 1
-            values = st.map.read_observations(words, nb)
-        rows = [(s, v) for s, v in zip(series, values) if v is not None]
+            nb = len(family.buckets or ()) if family.type == "histogram" else 1
+            read = st.map.read_observations(words, nb)
+        rows = [(s, v) for s, v in zip(stored, read) if v is not None]
         return StoredMetric(st, family, name, rows)
     metric = Metric(name, family.help, family.type, family.unit)
     labelnames = family.labelnames
@@ -991,13 +992,7 @@ def collect_family(st: Storage, family: _storage.Family, live: _Liveness,
             continue
         labels = dict(zip(labelnames, values))
         kind = family.type
-        if kind == "counter":
-            count, = st.map.read_ints(series.word, 1)
-            part, = st.map.read_floats(series.word + 1, 1)
-            metric.add_sample(name + "_total", labels, float(count) + part,
-                              exemplar=_read_exemplar(st, series, 0))
-            metric.add_sample(name + "_created", labels, series.created)
-        elif kind == "gauge":
+        if kind == "gauge":
             mode = family.mode or "all"
             cells = _gauge_values(st, series, live, mode.startswith("live"))
             if not st.shared:
@@ -1018,31 +1013,13 @@ def collect_family(st: Storage, family: _storage.Family, live: _Liveness,
                 metric.add_sample(name, labels, math.fsum(v for _, v, _ in cells))
             else:   # mostrecent
                 metric.add_sample(name, labels, max(cells, key=lambda c: c[2])[1])
-        elif kind == "histogram":
-            nb = len(family.buckets)
-            counts = st.map.read_ints(series.word, nb)
-            total, = st.map.read_floats(series.word + nb, 1)
-            running = 0
-            for bucket, (bound, count) in enumerate(zip(family.buckets, counts)):
-                running += count
-                metric.add_sample(name + "_bucket", {**labels, "le": _le(bound)},
-                                  float(running), exemplar=_read_exemplar(st, series, bucket))
-            metric.add_sample(name + "_count", labels, float(running))
-            metric.add_sample(name + "_sum", labels, total)
-            metric.add_sample(name + "_created", labels, series.created)
-        elif kind == "summary":
-            count, = st.map.read_ints(series.word, 1)
-            total, = st.map.read_floats(series.word + 1, 1)
-            metric.add_sample(name + "_count", labels, float(count))
-            metric.add_sample(name + "_sum", labels, total)
-            metric.add_sample(name + "_created", labels, series.created)
         elif kind == "info":
             labels = dict(zip(labelnames, values[:-1]))
             labels.update(json.loads(values[-1]))
             metric.add_sample(name + "_info", labels, 1.0)
         elif kind == "stateset":
             current = st.lane(series.word)
-            for index, state in enumerate(family.states):
+            for index, state in enumerate(family.states or ()):
                 metric.add_sample(name, {**labels, name: state},
                                   1.0 if index == current else 0.0)
     return metric
@@ -1053,7 +1030,8 @@ def _le(bound: float) -> str:
     return format_float(bound)
 
 
-def collect_storage(st: Storage, skip: set[str] = frozenset()) -> Iterator[Metric]:
+def collect_storage(st: Storage, skip: set[str] | frozenset[str] = frozenset()
+                    ) -> Iterator[Metric | StoredMetric]:
     """Every family in a storage (the exporter's view), then the count of
     series that could not be stored."""
     st.refresh()
