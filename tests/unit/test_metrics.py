@@ -570,3 +570,17 @@ def test_prometheus_client_collector_adapter():
     their_reg.register(reg)
     text = prometheus_client.generate_latest(their_reg).decode()
     assert f"{ours._name}_total 2.0" in text
+
+
+def test_bench_children_run():
+    """The children of ``python -m rseq bench --section metrics`` (the full
+    run is a separate command): one short round of each kind."""
+    from rseq.metrics import _bench
+    hot = _bench._run_child(_bench._HOT, "rseq shared", "0.001")
+    assert set(hot["ns"]) == {_bench.FLOOR, *_bench.CASES}
+    assert hot["scrape_1000_ms"] > 0
+    history = _bench._run_child(_bench._HISTORY, "rseq shared", "0,3")
+    assert [p["dead"] for p in history] == [0, 3]
+    assert history[0]["bytes"] == history[1]["bytes"]
+    theirs = _bench._run_child(_bench._HISTORY, "prometheus multiprocess", "0,3")
+    assert theirs[1]["bytes"] > theirs[0]["bytes"]
