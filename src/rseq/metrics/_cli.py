@@ -9,7 +9,9 @@ by whatever processes wrote it; it never imports the application.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 import time
 
 from .. import _core
@@ -39,14 +41,19 @@ def _cmd_serve(args) -> int:
     server, thread = start_http_server(args.port, args.addr, registry)
     print(f"serving {args.name} on http://{args.addr}:{server.server_port}/metrics",
           flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         deadline = None if args.duration is None else time.monotonic() + args.duration
-        while thread.is_alive() and (deadline is None or time.monotonic() < deadline):
-            time.sleep(0.2)
+        while thread.is_alive() and not stop.is_set() and (
+                deadline is None or time.monotonic() < deadline):
+            stop.wait(0.2)
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.shutdown()
+        server.server_close()
     return 0
 
 
@@ -85,5 +92,5 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(metrics_func=_cmd_serve)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, run=run)
     return parser
