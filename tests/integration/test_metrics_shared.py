@@ -532,7 +532,7 @@ def test_exporter_serves_a_file_it_never_declared(tmp_path):
 def test_exporter_errors_are_one_line(tmp_path):
     proc = show(tmp_path / "missing")
     assert proc.returncode == 2
-    assert proc.stderr == f"python -m rseq metrics show: no metrics file " \
+    assert proc.stderr == f"python -m rseq metrics show: error: no metrics file " \
                           f"'{tmp_path / 'missing'}'\n"
     link = tmp_path / "link"
     os.symlink("/etc/passwd", link)

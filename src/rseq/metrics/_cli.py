@@ -15,6 +15,7 @@ import threading
 import time
 
 from .. import _core
+from .._cli import UsageError
 
 
 def _open(args):
@@ -57,14 +58,24 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0 to 65535), got {port}")
+    return port
+
+
 def run(args) -> int:
-    """Run a parsed ``metrics`` command; errors are one line, status 2."""
+    """Run a parsed ``metrics`` command; a missing, untrusted or damaged file
+    is a user error: one line, exit status 2 (rseq._cli.main)."""
     try:
         return args.metrics_func(args)
     except (OSError, ValueError, _core.ArenaError) as e:
         text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"python -m rseq metrics {args.metrics_command}: {text}", file=sys.stderr)
-        return 2
+        raise UsageError(text) from None
 
 
 def add_subcommand(subparsers) -> argparse.ArgumentParser:
@@ -74,7 +85,7 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
         description="Render or serve every process's metrics from a shared metrics file "
                     "(RSEQ_METRICS), read-only, without importing the application.")
     sub = parser.add_subparsers(dest="metrics_command", required=True,
-                                parser_class=type(parser))
+                                metavar="{show,serve}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("name", help="the metrics file: a name in /dev/shm or a path")
     common.add_argument("--trust", action="append", metavar="WHO",
@@ -86,11 +97,11 @@ def add_subcommand(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(metrics_func=_cmd_show)
     p = sub.add_parser("serve", parents=[common],
                        help="serve /metrics over HTTP (OpenMetrics or text by Accept)")
-    p.add_argument("--port", type=int, required=True, help="TCP port (0: any free port)")
+    p.add_argument("--port", type=_port, required=True, help="TCP port (0: any free port)")
     p.add_argument("--addr", default="0.0.0.0", help="address to listen on (default "
                    "0.0.0.0, as prometheus_client's start_http_server)")
     p.add_argument("--duration", type=float, default=None,
                    help="stop after this many seconds (default: until Ctrl-C)")
     p.set_defaults(metrics_func=_cmd_serve)
-    parser.set_defaults(func=run, run=run)
+    parser.set_defaults(run=run)
     return parser
