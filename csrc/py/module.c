@@ -13,6 +13,7 @@
 
 #include "core.h"
 #include "counter_type.h"
+#include "metrics_type.h"
 #include "percpu.h"
 #include "registration.h"
 #include "thread_area.h"
@@ -604,6 +605,8 @@ static int module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "ArenaFullError", st->ArenaFullError) < 0)
         return -1;
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
+        return -1;
+    if (rseq_metrics_add_types(module) < 0)
         return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);
