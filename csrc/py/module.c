@@ -15,6 +15,7 @@
 #include "counter_type.h"
 #include "percpu.h"
 #include "registration.h"
+#include "ring_type.h"
 #include "thread_area.h"
 #include "rseq/capi.h"
 
@@ -429,6 +430,8 @@ static const struct rseq_capi capi = {
     .load_cbeq_store_load_store = capi_load_cbeq_store_load_store,
     .load_cbne_store_store = capi_load_cbne_store_store,
     .load_cbne_memcpy_store = capi_load_cbne_memcpy_store,
+    .ring_handle = rseq_ring_handle,
+    .ring_put = rseq_ring_put,
 };
 
 /* ------------------------------------------------------------------------
@@ -521,6 +524,8 @@ static int module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "ArenaFullError", st->ArenaFullError) < 0)
         return -1;
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
+        return -1;
+    if (rseq_ring_add_types(module) < 0)
         return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);

@@ -23,7 +23,9 @@ from ._core import (
     registration_count,
     unregister,
 )
+from ._core import RingRecord
 from ._info import Info, info
+from ._ring import Ring, RingBusyError, RingStats
 from ._registration import get_include, registered
 
 __version__ = "0.1.0"
@@ -38,6 +40,10 @@ __all__ = [
     "NotOwnedWarning",
     "PerCpuCounter",
     "RegistrationError",
+    "Ring",
+    "RingBusyError",
+    "RingRecord",
+    "RingStats",
     "RseqError",
     "Unsupported",
     "cpu",
