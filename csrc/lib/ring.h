@@ -250,7 +250,9 @@ static inline void ring_wake(const struct ring *r)
  * producer sees the flag or the consumer sees the record. */
 static inline void ring_after_commit(const struct ring *r)
 {
+#ifndef RING_NOFENCE
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
     if (__builtin_expect(__atomic_load_n(ring_waiting_word(r), __ATOMIC_RELAXED) != 0, 0))
         ring_wake(r);
 }

@@ -634,10 +634,53 @@ static PyObject *ring_map_lease_cas(RingMapObject *m, PyObject *args)
     return PyBool_FromLong(rseq_arch_cas128(word, &expect, desired));
 }
 
+int rseq_ring_put(void *handle, const void *data, size_t length);
+
 static PyObject *ring_map_waiting(RingMapObject *m, PyObject *Py_UNUSED(unused))
 {
     return PyLong_FromUnsignedLong(__atomic_load_n(ring_waiting_word(&m->ring),
                                                    __ATOMIC_RELAXED));
+}
+
+PyDoc_STRVAR(ring_map_bench_put_doc,
+"_bench_put($self, iterations, length, /)\n--\n\n"
+"ns per C-level put of `length` bytes (the C API's path), over `iterations`\n"
+"puts, the consumer's position moved forward by the benchmark itself so\n"
+"the lane never fills (benchmarks only: do not run beside a consumer).");
+
+static PyObject *ring_map_bench_put(RingMapObject *m, PyObject *args)
+{
+    unsigned long iterations;
+    unsigned int length;
+    if (!PyArg_ParseTuple(args, "kI:_bench_put", &iterations, &length))
+        return NULL;
+    if (m->readonly || length > m->ring.max_record) {
+        PyErr_SetString(PyExc_ValueError, "a writable ring and length <= max_record");
+        return NULL;
+    }
+    char payload[4096] = {0};
+    uint64_t dropped = 0;
+    struct timespec a, b;
+    Py_BEGIN_ALLOW_THREADS
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (unsigned long i = 0; i < iterations; i++) {
+        if (rseq_ring_put(&m->ring, payload, length > sizeof payload ? sizeof payload : length)
+            != 1)
+            dropped++;
+        if ((i & 63) == 63) {
+            /* Keep the lanes from filling: play the consumer's tail. */
+            for (uint32_t l = 0; l < m->nlanes; l++) {
+                struct ring_lane *lane = ring_lane(&m->ring, l);
+                __atomic_store_n(&lane->tail, (uint32_t)__atomic_load_n(&lane->head,
+                                 __ATOMIC_RELAXED), __ATOMIC_RELAXED);
+            }
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    Py_END_ALLOW_THREADS
+    double ns = ((double)(b.tv_sec - a.tv_sec) * 1e9 + (double)(b.tv_nsec - a.tv_nsec))
+                / (double)(iterations ? iterations : 1);
+    return Py_BuildValue("(dK)", ns, (unsigned long long)dropped);
 }
 
 /* ------------------------------------------------------------------------
@@ -666,6 +709,7 @@ static PyMethodDef ring_map_methods[] = {
     {"lease", (PyCFunction)ring_map_lease, METH_NOARGS,
      "lease($self, /)\n--\n\n(pid, start time) of the consumer lease, (0, 0) if free."},
     {"lease_cas", (PyCFunction)ring_map_lease_cas, METH_VARARGS, ring_map_lease_cas_doc},
+    {"_bench_put", (PyCFunction)ring_map_bench_put, METH_VARARGS, ring_map_bench_put_doc},
     {"waiting", (PyCFunction)ring_map_waiting, METH_NOARGS,
      "waiting($self, /)\n--\n\nThe consumer's waiting flag (tests)."},
     {NULL, NULL, 0, NULL},
