@@ -176,13 +176,14 @@ class Ring:
 
     @classmethod
     def create(cls, name: str | os.PathLike, *, size_per_cpu: int = DEFAULT_SIZE_PER_CPU,
-               max_record: int = DEFAULT_MAX_RECORD, policy: str = "drop",
+               max_record: int | None = None, policy: str = "drop",
                timestamps: bool = True) -> Ring:
         """Create a new ring; FileExistsError if the name is taken.
 
         ``size_per_cpu``: bytes of each CPU's lane (rounded up to a power of
         two, 4 KiB to 1 GiB); ``max_record``: the longest record in bytes
-        (at most a quarter of a lane); ``policy``: ``"drop"`` (a full lane
+        (at most a quarter of a lane; default 4096 or that quarter, whichever
+        is smaller); ``policy``: ``"drop"`` (a full lane
         refuses new records and counts them) or ``"overwrite"`` (a flight
         recorder: the newest records are kept, the consumer is told how many
         it missed); ``timestamps``: record CLOCK_MONOTONIC in every record
@@ -193,6 +194,8 @@ class Ring:
             raise ValueError(f"size_per_cpu must be an int in {MIN_SIZE}.."
                              f"{_core.RING_MAX_SIZE}, not {size_per_cpu!r}")
         size = 1 << (size_per_cpu - 1).bit_length()
+        if max_record is None:
+            max_record = min(DEFAULT_MAX_RECORD, size // 4)
         if not isinstance(max_record, int) or isinstance(max_record, bool) or \
                 not 1 <= max_record <= size // 4:
             raise ValueError(f"max_record must be an int in 1..{size // 4} (a quarter of "
