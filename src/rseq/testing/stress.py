@@ -571,11 +571,21 @@ def main(argv: list[str] | None = None) -> int:
                 ok &= c["ok"]
                 out(CaseResult(**{k: c[k] for k in ("name", "expected", "got", "aborts",
                                                      "seconds", "skipped")}).line())
+    if local_modes and "cpu" in local_modes:
+        # The ring (rseq.Ring) indexes by cpu_id only: shared memory.
+        from .ring_stress import run_ring_matrix
+        for r in run_ring_matrix(args.quick, out):
+            cases.append(dataclasses.asdict(r) | {"ok": r.ok})
+            ok &= r.ok
     kill = None
     if not args.no_kill:
         kill = kill_test(kills=args.kills)
         out(kill.line())
         ok &= kill.ok
+        from .ring_stress import ring_kill_test
+        ring_kill = ring_kill_test(kills=args.kills)
+        out(ring_kill.line())
+        ok &= ring_kill.ok
     ran = sum(1 for c in cases if not c["skipped"])
     failed = sum(1 for c in cases if not c["ok"])
     out(f"rseq stress: {ran} cases run, {len(cases) - ran} skipped, {failed} failed"
