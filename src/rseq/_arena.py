@@ -6,9 +6,11 @@ possible-CPU count it was made for and a checksum; all of it is validated
 before any offset in it is trusted (and the C side checks the layout against
 the mapping once more).  Counters are 8 bytes per possible CPU, in per-CPU
 regions so that CPUs never write each other's cache lines, plus one entry in
-a key table.  Arenas are created with owner-only permissions, under a
-temporary name that is linked into place only once complete, so nobody ever
-opens a half-written arena.
+a key table.  The file itself is created, reserved, published and opened
+by ``_shmfile`` (owner-only mode, ``posix_fallocate`` so that a full file
+system is an ``OSError`` at creation and never a SIGBUS later, publication
+by ``link()`` only once complete, ``O_NOFOLLOW`` and owner/mode checks on
+open, read-only opening for monitors).
 """
 from __future__ import annotations
 
@@ -18,16 +20,18 @@ import os
 import struct
 import zlib
 
-from . import _core
+from . import _core, _shmfile
 
 MAGIC = b"RSEQARNA"
-VERSION = 1
+# Version 2: a claim records the claimant's start time beside its pid.
+VERSION = 2
 HEADER_SIZE = 4096          # the key table starts on its own page
 DEFAULT_CAPACITY = 1024
 DEFAULT_KEY_MAX = 80        # entry of 128 bytes
 INDEX_CPU_ID = 0
+CLAIM_TIMEOUT = 5.0         # seconds counter() waits for a live process's claim
 REGION_ALIGN = 128
-SHM_DIR = "/dev/shm"
+SHM_DIR = _shmfile.SHM_DIR
 
 # magic, version, header_size, possible_cpus, capacity, entry_size, key_max,
 # index_mode, flags, table_offset, regions_offset, region_size, total_size,
@@ -115,20 +119,6 @@ def parse_header(data: bytes, file_size: int, possible_cpus: int) -> Layout:
     return found
 
 
-def _path_for(name: str | os.PathLike) -> str:
-    """A name without a slash lives in /dev/shm; anything else is a path."""
-    text = os.fspath(name)
-    if not isinstance(text, str):
-        raise TypeError(f"arena name must be str or a path, not {type(name).__name__}")
-    if not text:
-        raise ValueError("arena name is empty")
-    if "/" in text:
-        return text
-    if text in (".", "..") or len(text.encode()) > 255:
-        raise ValueError(f"invalid arena name: {text!r}")
-    return os.path.join(SHM_DIR, text)
-
-
 def _encode_key(key: object, key_max: int) -> bytes:
     if not isinstance(key, str):
         raise TypeError(f"counter key must be str, not {type(key).__name__}")
@@ -155,69 +145,90 @@ class Arena:
     counters.  Use as a context manager to close it.
     """
 
-    def __init__(self, path: str, fd: int, layout: Layout):
+    def __init__(self, path: str, mapping: mmap.mmap, layout: Layout, arena_map,
+                 readonly: bool):
         # Use Arena.create() or Arena.open().
         self._path = path
         self._layout = layout
-        try:
-            self._mmap: mmap.mmap | None = mmap.mmap(fd, layout.total_size,
-                                                         mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        self._map = _core._ArenaMap(self._mmap, layout.table_offset, layout.entry_size,
-                                    layout.key_max, layout.capacity, layout.regions_offset,
-                                    layout.region_size, layout.possible_cpus)
+        self._mmap: mmap.mmap | None = mapping
+        self._map = arena_map
+        self._readonly = readonly
+
+    @staticmethod
+    def _build_map(module, mapping: mmap.mmap, layout: Layout, readonly: bool):
+        """The C view of the key table and counters: ``module._ArenaMap``
+        (rseq._core, or the test build rseq._inject), which checks the
+        layout against the mapping once more."""
+        return module._ArenaMap(mapping, layout.table_offset, layout.entry_size,
+                                layout.key_max, layout.capacity, layout.regions_offset,
+                                layout.region_size, layout.possible_cpus, readonly)
 
     # -- creation and opening ------------------------------------------------
 
     @classmethod
     def create(cls, name: str | os.PathLike, *, capacity: int = DEFAULT_CAPACITY,
                key_max: int = DEFAULT_KEY_MAX) -> Arena:
-        """Create a new arena; FileExistsError if the name is taken.
+        """Create a new arena; FileExistsError (naming it) if the name is taken.
 
         ``capacity`` is the number of counters it can hold, ``key_max`` the
-        longest key in UTF-8 bytes.  The file is owner-only (0600).
+        longest key in UTF-8 bytes.  The file is owner-only (0600); to let a
+        monitor running as another user read it, ``os.chmod(arena.path,
+        0o644)`` and have the monitor open it with ``readonly=True`` (and
+        ``trust=`` naming the owner, unless that is root).  Its space is
+        reserved when it is created: OSError(ENOSPC) if the file system has
+        no room.  Nothing is left at the name if creation fails.
         """
         if not isinstance(capacity, int) or not 1 <= capacity <= 1 << 24:
             raise ValueError(f"capacity must be an int in 1..{1 << 24}, not {capacity!r}")
         if not isinstance(key_max, int) or not 1 <= key_max <= 4096:
             raise ValueError(f"key_max must be an int in 1..4096, not {key_max!r}")
-        path = _path_for(name)
         layout = Layout.compute(_core.POSSIBLE_CPUS, capacity, key_max)
-        directory, base = os.path.split(path)
-        temporary = os.path.join(directory or ".", f".{base}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        built = []
         try:
-            os.ftruncate(fd, layout.total_size)
-            os.pwrite(fd, layout.pack(os.getpid()), 0)
-            # Linking publishes the complete file atomically, and fails if the
-            # name exists: nobody ever opens a half-initialised arena.
-            os.link(temporary, path)
+            path, mapping = _shmfile.create(
+                name, layout.total_size, layout.pack(os.getpid()), what="arena",
+                prepare=lambda m: built.append(cls._build_map(_core, m, layout, False)))
         except BaseException:
-            os.close(fd)
-            os.unlink(temporary)
+            built.clear()   # release the mapping now, not with the traceback
             raise
-        os.unlink(temporary)
-        return cls(path, fd, layout)
+        return cls(path, mapping, layout, built[0], False)
 
     @classmethod
-    def open(cls, name: str | os.PathLike) -> Arena:
-        """Map an existing arena, validating it first (ArenaFormatError)."""
-        path = _path_for(name)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    def open(cls, name: str | os.PathLike, *, readonly: bool = False,
+             trust: object = None) -> Arena:
+        """Map an existing arena, validating it first (ArenaFormatError).
+
+        The name is opened without following a symbolic link and must be a
+        regular file owned by this process's effective uid or root, and not
+        writable by group or others (PermissionError saying which check
+        failed).  ``trust`` accepts more: a uid or user name (another owner),
+        ``"group:NAME"`` (a group that may write it), or a list of those.
+
+        ``readonly=True`` opens and maps the file read-only: every value can
+        be read (``keys()``, ``values()``, ``get()``, counters' ``value()``
+        and ``per_cpu()``), and writes (``add()``, ``reset()``, creating a
+        counter) raise ArenaError.  This is what a monitor or exporter
+        running as another user needs (the file must be readable by it).
+        """
+        path, fd, st = _shmfile.open_checked(name, readonly=bool(readonly), trust=trust,
+                                             what="arena")
         try:
-            size = os.fstat(fd).st_size
             head = os.pread(fd, HEADER_SIZE, 0)
-            layout = parse_header(head, size, _core.POSSIBLE_CPUS)
-        except BaseException:
+            layout = parse_header(head, st.st_size, _core.POSSIBLE_CPUS)
+            mapping = _shmfile.map_fd(fd, layout.total_size, readonly=bool(readonly))
+        finally:
             os.close(fd)
+        try:
+            arena_map = cls._build_map(_core, mapping, layout, bool(readonly))
+        except BaseException:
+            mapping.close()
             raise
-        return cls(path, fd, layout)
+        return cls(path, mapping, layout, arena_map, bool(readonly))
 
     @staticmethod
     def unlink(name: str | os.PathLike) -> None:
         """Remove the arena's name; processes that have it open keep using it."""
-        os.unlink(_path_for(name))
+        os.unlink(_shmfile.path_for(name, "arena"))
 
     # -- use ---------------------------------------------------------------
 
@@ -229,21 +240,33 @@ class Arena:
     def counter(self, key: str) -> _core.ArenaCounter:
         """The counter stored under ``key`` (str), created at zero if absent.
 
-        ArenaFullError when the arena has no room for a new key.
+        ArenaFullError when the arena has no room for a new key; ArenaError
+        if the arena is open read-only and has no such key.  Waits (at most
+        ``CLAIM_TIMEOUT`` seconds, answering Ctrl-C) while another live
+        process is creating an entry this key may be in.
         """
         arena_map = self._live_map()
         data = _encode_key(key, self._layout.key_max)
-        index = arena_map.find(data, True)
+        index = arena_map.find(data, not self._readonly, CLAIM_TIMEOUT)
+        if index < 0:
+            raise _core.ArenaError(f"arena {self._path!r} is open read-only: cannot create "
+                                   f"counter {key!r}")
         return arena_map.counter(index, key)
 
     def get(self, key: str) -> _core.ArenaCounter | None:
-        """The counter stored under ``key``, or None if there is none."""
+        """The counter stored under ``key``, or None if there is none (a key
+        that another process is still creating is not there yet)."""
         arena_map = self._live_map()
         index = arena_map.find(_encode_key(key, self._layout.key_max), False)
         return None if index < 0 else arena_map.counter(index, key)
 
     def keys(self) -> list[str]:
-        """The keys of the counters in the arena, in table order."""
+        """The keys of the counters in the arena, in table order.
+
+        Every entry is checked (state, key length, stored hash against the
+        key): a damaged one raises ArenaFormatError naming it, here as in
+        values(), len(), get(), ``in`` and counter() when they meet it.
+        """
         return [key.decode("utf-8", "replace") for _, key in self._live_map().keys()]
 
     def values(self) -> dict[str, int]:
@@ -256,10 +279,49 @@ class Arena:
         return out
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self.get(key) is not None
+        """False for anything that cannot be a key of this arena (not a str,
+        empty, too long, not encodable), never an exception for those."""
+        arena_map = self._live_map()
+        if not isinstance(key, str):
+            return False
+        try:
+            data = key.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        if not 1 <= len(data) <= self._layout.key_max:
+            return False
+        return arena_map.find(data, False) >= 0
 
     def __len__(self) -> int:
         return len(self._live_map().keys())
+
+    # -- documented internals, for rseq.testing and the tests ----------------
+
+    def _counter_through(self, module, key: str):
+        """The counter under ``key`` (created if absent), built by
+        ``module._ArenaMap`` over this arena's mapping: the stress harness
+        passes the test build ``rseq._inject`` so that its injection points
+        run inside the arena's counters.  Internal: for rseq.testing."""
+        self._live_map()
+        arena_map = self._build_map(module, self._mmap, self._layout, self._readonly)
+        index = arena_map.find(_encode_key(key, self._layout.key_max), not self._readonly,
+                               CLAIM_TIMEOUT)
+        if index < 0:
+            raise _core.ArenaError(f"arena {self._path!r} is open read-only: cannot create "
+                                   f"counter {key!r}")
+        return arena_map.counter(index, key)
+
+    def _entry_states(self) -> list[tuple[str, int]]:
+        """(state, claimant pid) of every entry, in table order: state is
+        'empty', 'claimed', 'ready' or 'corrupt'; the pid is 0 unless
+        claimed.  Internal: for rseq.testing and the tests."""
+        arena_map = self._live_map()
+        return [arena_map.entry_state(i)[:2] for i in range(self._layout.capacity)]
+
+    @property
+    def readonly(self) -> bool:
+        """True if opened with readonly=True (mapped read-only)."""
+        return self._readonly
 
     @property
     def path(self) -> str:

@@ -102,11 +102,15 @@ def _reserve(fd: int, size: int, what: str, path: str) -> None:
 
 
 def create(name: str | os.PathLike, size: int, header: bytes | Callable[[int], bytes],
-           *, what: str = "arena") -> tuple[str, mmap.mmap]:
+           *, what: str = "arena",
+           prepare: Callable[[mmap.mmap], object] | None = None) -> tuple[str, mmap.mmap]:
     """Create, reserve, initialise, map and publish a shared file.
 
     ``header`` (bytes, or a function of the mapping's size returning bytes) is
-    written at offset 0 before the file is published.  Returns the path and
+    written at offset 0 before the file is published.  ``prepare(mapping)``,
+    if given, runs after the mapping is made and before the file is
+    published: whatever can fail in building the structure over the mapping
+    belongs there, so that a failure leaves nothing.  Returns the path and
     a shared read-write mapping of ``size`` bytes.  FileExistsError names the
     file when the name is taken; OSError(ENOSPC) when there is no room.
     Nothing is left behind on any error.
@@ -131,6 +135,8 @@ def create(name: str | os.PathLike, size: int, header: bytes | Callable[[int], b
         data = header(size) if callable(header) else header
         os.pwrite(fd, data, 0)
         mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if prepare is not None:
+            prepare(mapping)
         try:
             # link() publishes the complete file atomically, and fails if
             # the name exists: nobody ever opens a half-initialised file.
@@ -143,7 +149,10 @@ def create(name: str | os.PathLike, size: int, header: bytes | Callable[[int], b
                           f"{os.strerror(e.errno)}", path) from None
     except BaseException:
         if mapping is not None:
-            mapping.close()
+            # A structure that prepare() built over the mapping may still
+            # export its buffer: then the mapping goes when that does.
+            with contextlib.suppress(BufferError):
+                mapping.close()
         raise
     finally:
         os.close(fd)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import rseq
 from helpers.subproc import OWN_REGISTRATION, run_json
-from rseq import _arena
+from rseq import _arena, _procid
 
 POSSIBLE = rseq.info().possible_cpus
 
@@ -225,11 +225,20 @@ def _fnv1a64(data: bytes) -> int:
     return h
 
 
-def _claim(path: str, key: str, pid: int, capacity: int) -> int:
-    """Write a CLAIMED state for `key` by `pid` where a creator would have."""
+def _start_tag(pid: int) -> int:
+    """The low 24 bits of a process's start time, as claims record it."""
+    tag = _procid.start_time(pid) & ((1 << 24) - 1)
+    return tag or 1
+
+
+def _claim(path: str, key: str, pid: int, capacity: int, start: int | None = None) -> int:
+    """Write a CLAIMED state for `key` by (`pid`, `start`) where a creator would
+    have: tag 1 | top 16 of the 30 hash bits | start tag (24 bits) | pid (22)."""
     h = _fnv1a64(key.encode())
     index = h % capacity
-    state = (1 << 62) | ((h >> 34) << 32) | pid
+    if start is None:
+        start = _start_tag(pid) if _procid.start_time(pid) is not None else 0
+    state = (1 << 62) | ((h >> 48) << 46) | (start << 22) | pid
     layout = _arena.Layout.compute(POSSIBLE, capacity, _arena.DEFAULT_KEY_MAX)
     with open(path, "r+b") as f:
         f.seek(layout.table_offset + index * layout.entry_size)
@@ -249,10 +258,10 @@ def test_claim_of_dead_creator_is_taken_over(path):
     rseq.Arena.create(path, capacity=8).close()
     index = _claim(path, "orphan", _dead_pid(), 8)
     with rseq.Arena.open(path) as a:
-        assert a._map.entry_state(index)[0] == "claimed"
+        assert a._entry_states()[index][0] == "claimed"
         c = a.counter("orphan")
         c.add(2)
-        assert a._map.entry_state(index) == ("ready", 0)
+        assert a._entry_states()[index] == ("ready", 0)
         assert a.keys() == ["orphan"] and c.value() == 2
 
 
@@ -339,8 +348,8 @@ def test_truncated(path):
 
 def test_other_version(path):
     rseq.Arena.create(path, capacity=16).close()
-    _rewrite_header(path, version=2)
-    _expect_format_error(path, "version 2")
+    _rewrite_header(path, version=_arena.VERSION + 1)
+    _expect_format_error(path, f"version {_arena.VERSION + 1}")
 
 
 def test_other_possible_cpu_count(path):

@@ -319,12 +319,7 @@ def counter_case(*, structure: str, point: int, action: str, index: str, workers
 
 def _arena_counter(inject, arena, key: str):
     """The counter of `arena` under `key`, through the test build's types."""
-    layout = arena._layout
-    arena_map = inject._ArenaMap(arena._mmap, layout.table_offset, layout.entry_size,
-                                 layout.key_max, layout.capacity, layout.regions_offset,
-                                 layout.region_size, layout.possible_cpus)
-    index = arena_map.find(key.encode(), True)
-    return arena_map.counter(index, key)
+    return arena._counter_through(inject, key)
 
 
 # ---------------------------------------------------------------------------
@@ -458,12 +453,11 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
         # a claim left by a killed creator is taken over, never waited on.
         arena.close()
         reopened = rseq.Arena.open(path)
-        claimed_before = sum(1 for i in range(reopened.capacity)
-                             if reopened._map.entry_state(i)[0] == "claimed")
+        claimed_before = sum(1 for state, _ in reopened._entry_states()
+                             if state == "claimed")
         for k in range(key_space):
             reopened.counter(f"key-{k}")
-        for i in range(reopened.capacity):
-            state, owner = reopened._map.entry_state(i)
+        for i, (state, owner) in enumerate(reopened._entry_states()):
             if state == "claimed":
                 problems.append(f"entry {i} still claimed by pid {owner}")
             if state == "corrupt":
