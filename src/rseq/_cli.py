@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
     sub.add_parser("model", help="the executable rseq ABI model (python -m rseq model -h)",
                    add_help=False)
+    from ._ring import add_subcommand as add_ring
+    add_ring(sub)
     return parser
 
 

@@ -407,3 +407,108 @@ class Ring:
 
 def _closed_put(data: object) -> bool:
     raise ValueError("the ring is closed")
+
+
+# ---------------------------------------------------------------------------
+# Command line: python -m rseq ring stats|tail NAME
+# ---------------------------------------------------------------------------
+
+def _format_stats(name: str, stats: RingStats, ring: Ring) -> str:
+    fields = [f.name for f in dataclasses.fields(LaneStats)]
+    width = max(len(f) for f in fields)
+    lines = [f"ring {ring.path}: {ring.policy}, {ring.size_per_cpu} bytes per CPU, records "
+             f"up to {ring.max_record} bytes, {ring.possible_cpus} CPUs"
+             + (", timestamps" if ring.timestamps else ""),
+             "  consumer  " + (f"process {stats.consumer[0]}" if stats.consumer else "none")]
+    header = "  " + " " * width + "   total" + "".join(
+        f"{'cpu ' + str(i):>12}" for i in range(len(stats.per_cpu))) + f"{'fallback':>12}"
+    lines.append(header)
+    for f in fields:
+        lanes = [getattr(lane, f) for lane in stats.per_cpu] + [getattr(stats.fallback, f)]
+        lines.append(f"  {f:<{width}} {getattr(stats, f):>7}"
+                     + "".join(f"{v:>12}" for v in lanes))
+    return "\n".join(lines)
+
+
+def _cmd_stats(args) -> int:
+    import json
+    with Ring.open(args.name, readonly=True) as ring:
+        stats = ring.stats()
+        if args.json:
+            print(json.dumps(stats.as_dict(), indent=2))
+        else:
+            print(_format_stats(args.name, stats, ring))
+    return 0
+
+
+def _show(rec, as_records: bool) -> str:
+    data = rec.data if as_records else rec
+    try:
+        text = data.decode("utf-8")
+        shown = text if text.isprintable() else repr(data)
+    except UnicodeDecodeError:
+        shown = repr(data)
+    if as_records:
+        return f"cpu {rec.cpu} seq {rec.seq} pid {rec.pid} t {rec.time_ns}: {shown}"
+    return shown
+
+
+def _cmd_tail(args) -> int:
+    import sys
+    with Ring.open(args.name) as ring:
+        count = 0
+        try:
+            for rec in ring.follow(timeout=args.timeout, records=args.records):
+                print(_show(rec, args.records), flush=True)
+                count += 1
+                if args.count and count >= args.count:
+                    break
+        except BrokenPipeError:
+            sys.stderr.close()
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    """``ring stats NAME`` and ``ring tail NAME`` in the package's one
+    argparse tree."""
+    parser = subparsers.add_parser("ring", help="the accounting of an rseq.Ring, or its "
+                                   "records as they arrive")
+    sub = parser.add_subparsers(dest="ring_command", required=True,
+                                parser_class=type(parser))
+    p = sub.add_parser("stats", help="produced, committed, consumed, dropped, overwritten, "
+                       "in ring: in total and per CPU (opens the ring read-only)")
+    p.add_argument("name", help="ring name (in /dev/shm) or path")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_run(_cmd_stats))
+    p = sub.add_parser("tail", help="print records as they arrive, like tail -f (this "
+                       "process becomes the ring's consumer: it takes the records)")
+    p.add_argument("name", help="ring name (in /dev/shm) or path")
+    p.add_argument("--records", action="store_true",
+                   help="show each record's CPU, sequence number, pid and time")
+    p.add_argument("--count", type=_positive, default=0, metavar="N",
+                   help="stop after N records")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="stop after this long with nothing new (default: never)")
+    p.set_defaults(func=_run(_cmd_tail))
+
+
+def _positive(text: str) -> int:
+    import argparse
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _run(command):
+    """One line and status 2 for what the user can fix, never a traceback."""
+    def run(args) -> int:
+        import sys
+        try:
+            return command(args)
+        except (OSError, ValueError, _core.ArenaError) as e:
+            print(f"python -m rseq ring {args.ring_command}: {e}", file=sys.stderr)
+            return 2
+    return run

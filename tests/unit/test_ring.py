@@ -552,3 +552,30 @@ def test_threads_without_rseq_use_the_fallback_lane(path):
         assert [x.seq for x in recs] == list(range(900))
         stats = r.stats()
         assert stats.fallback.committed == 900
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def test_cli_stats_and_tail(ring, path):
+    from helpers.subproc import run_rseq_cli
+    for i in range(3):
+        ring.put(b"line %d" % i)
+    proc = run_rseq_cli("ring", "stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "produced          3" in proc.stdout and "consumer  none" in proc.stdout
+    proc = run_rseq_cli("ring", "tail", path, "--timeout", "0.2")
+    assert proc.returncode == 0 and proc.stdout.splitlines() == ["line 0", "line 1", "line 2"]
+    proc = run_rseq_cli("ring", "stats", path, "--json")
+    assert '"consumed": 3' in proc.stdout
+    ring.put(b"\xff\x00")
+    proc = run_rseq_cli("ring", "tail", path, "--count", "1", "--records")
+    assert proc.returncode == 0 and "seq 3" in proc.stdout and "b'\\xff\\x00'" in proc.stdout
+    for argv in (("ring", "stats", path + "-missing"), ("ring", "tail", path, "--count", "0"),
+                 ("ring",)):
+        proc = run_rseq_cli(*argv)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, argv
+    ring.consume()   # this process is the consumer now: tail gets a clear error
+    proc = run_rseq_cli("ring", "tail", path, "--timeout", "0.1")
+    assert proc.returncode == 2 and "already has a consumer" in proc.stderr
