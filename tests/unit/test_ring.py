@@ -569,9 +569,10 @@ def test_cli_stats_and_tail(ring, path):
     assert proc.returncode == 0 and proc.stdout.splitlines() == ["line 0", "line 1", "line 2"]
     proc = run_rseq_cli("ring", "stats", path, "--json")
     assert '"consumed": 3' in proc.stdout
-    ring.put(b"\xff\x00")
+    with pinned(0):
+        ring.put(b"\xff\x00")
     proc = run_rseq_cli("ring", "tail", path, "--count", "1", "--records")
-    assert proc.returncode == 0 and "seq 3" in proc.stdout and "b'\\xff\\x00'" in proc.stdout
+    assert proc.returncode == 0 and "cpu 0 seq " in proc.stdout and "b'\\xff\\x00'" in proc.stdout
     for argv in (("ring", "stats", path + "-missing"), ("ring", "tail", path, "--count", "0"),
                  ("ring",)):
         proc = run_rseq_cli(*argv)
