@@ -68,13 +68,15 @@ class RingHandler(logging.Handler):
         record.exc_info = None
         record.exc_text = None
         record.stack_info = None
-        data = {}
-        for key, value in record.__dict__.items():
-            try:
-                pickle.dumps(value)
-            except Exception:
-                value = repr(value)
-            data[key] = value
+        data = dict(record.__dict__)
+        try:
+            pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            for key, value in data.items():
+                try:
+                    pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                except Exception:
+                    data[key] = repr(value)
         return data
 
     def encode(self, data: dict) -> bytes:
