@@ -47,7 +47,7 @@ def test_undecided_is_the_exception_and_says_why(report):
 
 
 def test_uses_the_package_wrapper(report):
-    assert report.wrapper == "rseq._core.rseq_syscall"
+    assert report.wrapper == "rseq._inject.rseq_syscall"
 
 
 def test_cli_list(capsys):
@@ -108,7 +108,12 @@ def test_cli_conformance_json(capsys, report):
 
 def test_python_dash_m_entry_points():
     env = dict(os.environ)
-    for argv in (["-m", "rseq.model", "check", "counter-plain"], ["-m", "rseq", "model", "check", "counter-plain"]):
-        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120)
+    for argv in (
+        ["-m", "rseq.model", "check", "counter-plain"],
+        ["-m", "rseq", "model", "check", "counter-plain"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120
+        )
         assert proc.returncode == 1, proc.stderr
         assert "VIOLATED" in proc.stdout

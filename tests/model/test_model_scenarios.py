@@ -85,12 +85,17 @@ def test_list_pop_rseq_survives_the_aba_schedule():
     assert result.holds
     schedule = ["step T1"] * 4 + ["preempt cpu0 T2", "preempt cpu0 T1"]
     replayed = replay("list-pop-rseq", schedule)
-    assert any("T1 was inside load_cbeq_store_add_load_store" in line for line in replayed.trace), replayed.trace
+    assert any(
+        "T1 was inside load_cbeq_store_add_load_store" in line for line in replayed.trace
+    ), replayed.trace
 
 
 def test_two_libraries_violation_names_the_unregistering_library():
     result = explore("two-libs-no-refcount")
-    assert "after libB unregistered it" in result.violation or "after libA unregistered it" in result.violation
+    assert (
+        "after libB unregistered it" in result.violation
+        or "after libA unregistered it" in result.violation
+    )
 
 
 def test_interposed_area_write_is_reported_with_its_field():
@@ -128,3 +133,13 @@ def test_time_slice_yield_and_expiry_both_happen():
     expired = replay("time-slice", head + ["preempt cpu0 T2"] + ["step T1"] * 5)
     assert any("grant timer expired" in line for line in expired.trace), expired.trace
     assert in_time.holds and expired.holds
+
+
+def test_ring_broken_twins_fail_for_their_own_reason():
+    """The ring's twins are caught for the bug each one has: a torn read for
+    publish-before-copy, a lost or torn committed record for the plain copy."""
+    result = explore("ring-publish-first", "linux-6.3")
+    assert "torn record delivered" in result.violation
+    result = explore("ring-plain", "linux-6.3")
+    assert any(word in result.violation for word in ("torn record", "committed", "twice"))
+    assert any("preempt" in str(move) for move in result.schedule)
