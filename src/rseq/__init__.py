@@ -14,6 +14,7 @@ from ._core import (
     NotOwnedWarning,
     PerCpuCounter,
     RegistrationError,
+    RingRecord,
     RseqError,
     Unsupported,
     cpu,
@@ -23,10 +24,9 @@ from ._core import (
     registration_count,
     unregister,
 )
-from ._core import RingRecord
 from ._info import Info, info
-from ._ring import Ring, RingBusyError, RingStats
 from ._registration import get_include, registered
+from ._ring import Ring, RingBusyError, RingStats
 
 __version__ = "0.1.0"
 

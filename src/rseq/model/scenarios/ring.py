@@ -219,11 +219,12 @@ def _threads(producer):
                          ThreadSpec(consumer, 1)]
 
 
-_DOC = ("Two producers (one on CPU 0, one waiting for a CPU) each put {puts} records into the lane of the CPU they run "
-        "on (CAP {cap} slots, a record = a value and its check word); a consumer on CPU 1 "
+_DOC = (f"Two producers (one on CPU 0, one waiting for a CPU) each put {PUTS} record(s) "
+        f"into the lane of the CPU they run on (CAP {CAP} slots, a record = a value and "
+        "its check word); a consumer on CPU 1 "
         "reads every lane once, advancing tail after each record. Property: every record "
         "delivered once and intact, every committed record delivered or still in the "
-        "ring, puts + counted drops = attempts. ").format(puts=PUTS, cap=CAP)
+        "ring, puts + counted drops = attempts. ")
 
 SCENARIOS = (
     Scenario(
