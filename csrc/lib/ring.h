@@ -52,8 +52,9 @@
  * sequence numbers tell exactly how many).
  *
  * Threads without rseq (no kernel support, seccomp, an unregistered thread,
- * a broken registration, an index out of range, or too many aborts in a
- * row) use the fallback lane, where writers serialise on a robust owner
+ * a lost registration (rseq_area_lost, checked before every attempt through
+ * RSEQ_PERCPU_USE_CS), an index out of range, or RING_SPIN_LIMIT aborts in
+ * a row) use the fallback lane, where writers serialise on a robust owner
  * word (percpu_fallback.h): rseq and fallback writers never share a lane,
  * which is the mixing rule of percpu_fallback.h.
  *

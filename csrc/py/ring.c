@@ -205,10 +205,12 @@ static PyObject *ring_map_put(RingMapObject *m, PyObject *arg)
     memset(record + RING_RECORD_HEADER + length, 0, need - RING_RECORD_HEADER - length);
     if (have_view)
         PyBuffer_Release(&view);
-    int ret = ring_put_record(&m->ring, counter_thread_area(), record, (uint32_t)length,
-                              ring_pid);
+    struct rseq_abi *rs = counter_thread_area();
+    int ret = ring_put_record(&m->ring, rs, record, (uint32_t)length, ring_pid);
     if (record != stack)
         PyMem_Free(record);
+    if (__builtin_expect(rs != NULL && rseq_area_lost(rs), 0))
+        counter_thread_area_recheck(); /* recorded in info().fallback */
     if (ret == RING_PUT_COMMITTED)
         Py_RETURN_TRUE;
     if (ret == RING_PUT_DROPPED)
@@ -773,9 +775,12 @@ int rseq_ring_put(void *handle, const void *data, size_t length)
     memcpy(record + RING_RECORD_HEADER, data, length);
     memset(record + RING_RECORD_HEADER + length, 0, need - RING_RECORD_HEADER - length);
     pthread_once(&ring_pid_once, ring_pid_init);
-    int ret = ring_put_record(r, counter_thread_area(), record, (uint32_t)length, ring_pid);
+    struct rseq_abi *rs = counter_thread_area();
+    int ret = ring_put_record(r, rs, record, (uint32_t)length, ring_pid);
     if (record != stack)
         free(record);
+    if (__builtin_expect(rs != NULL && rseq_area_lost(rs), 0))
+        counter_thread_area_recheck();
     return ret == RING_PUT_CORRUPT ? -EUCLEAN : ret;
 }
 

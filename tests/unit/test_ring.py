@@ -580,3 +580,30 @@ def test_cli_stats_and_tail(ring, path):
     ring.consume()   # this process is the consumer now: tail gets a clear error
     proc = run_rseq_cli("ring", "tail", path, "--timeout", "0.1")
     assert proc.returncode == 2 and "already has a consumer" in proc.stderr
+
+
+def test_lost_registration_moves_puts_to_the_fallback_lane(path):
+    """A registration ended behind the package's back (cpu_id -1): puts do
+    not spin, they go to the fallback lane, and info().fallback says why."""
+    rseq.Ring.create(path, size_per_cpu=1 << 18).close()
+    got = run_json(f"""
+        import json, threading
+        import rseq, rseq._inject
+        r = rseq.Ring.open({path!r})
+        out = {{}}
+        def worker():
+            assert r.put(b"before")
+            i = rseq.info()
+            out["unregister"] = rseq._inject.rseq_syscall(i.area_address, i.registered_size,
+                                                           1, rseq._core.SIGNATURE)
+            out["puts"] = sum(r.put(b"after %d" % n) for n in range(2000))
+            out["fallback"] = rseq.info().fallback
+        t = threading.Thread(target=worker); t.start(); t.join()
+        print(json.dumps(out))
+    """, timeout=60)
+    assert got["unregister"] == 0 and got["puts"] == 2000
+    assert got["fallback"] and "ended behind" in got["fallback"]
+    with rseq.Ring.open(path) as r:
+        recs = r.consume(10000, records=True)
+        assert len(recs) == 2001
+        assert recs[0].cpu >= 0 and {x.cpu for x in recs[1:]} == {-1}
