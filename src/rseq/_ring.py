@@ -370,11 +370,15 @@ class Ring:
     def close(self) -> None:
         """Acknowledge what was taken, give up the consumer lease (if this
         handle held it) and drop the mapping."""
+        self._close(acknowledge=True)
+
+    def _close(self, acknowledge: bool) -> None:
         ring_map = self._map
         if ring_map is None:
             return
         if self._consumer is not None and self._consumer == _procid.identity():
-            ring_map.ack()
+            if acknowledge:
+                ring_map.ack()
             ring_map.detach()
             ring_map.lease_cas(*self._consumer, 0, 0)
         self._consumer = None
@@ -391,11 +395,12 @@ class Ring:
         self.close()
 
     def __del__(self) -> None:
-        # A consumer that is collected without close() must not hold the
-        # lease (it is alive, so nobody could take it over).
+        # A consumer collected without close() must not hold the lease (its
+        # process is alive, so nobody could take it over); what it took and
+        # did not acknowledge stays in the ring for the next consumer.
         try:
             if self._consumer is not None and self._map is not None:
-                self.close()
+                self._close(acknowledge=False)
         except Exception:
             pass
 
@@ -509,6 +514,6 @@ def _run(command):
         try:
             return command(args)
         except (OSError, ValueError, _core.ArenaError) as e:
-            print(f"python -m rseq ring {args.ring_command}: {e}", file=sys.stderr)
+            print(f"python -m rseq ring {args.ring_command}: error: {e}", file=sys.stderr)
             return 2
     return run

@@ -343,8 +343,9 @@ def test_overwrite_policy_without_overflow_loses_nothing(path):
 
 def _consume_in_child(path, conn):
     try:
-        r = rseq.Ring.open(path)
-        conn.send(("ok", r.consume(100)))
+        with rseq.Ring.open(path) as r:
+            got = r.consume(100)
+        conn.send(("ok", got))
     except Exception as e:
         conn.send((type(e).__name__, str(e)))
 
@@ -607,3 +608,15 @@ def test_lost_registration_moves_puts_to_the_fallback_lane(path):
         recs = r.consume(10000, records=True)
         assert len(recs) == 2001
         assert recs[0].cpu >= 0 and {x.cpu for x in recs[1:]} == {-1}
+
+
+def test_a_forgotten_consumer_releases_the_lease_and_acknowledges_nothing(ring, path):
+    import gc
+    ring.put(b"a")
+    forgotten = rseq.Ring.open(path)
+    assert forgotten.consume() == [b"a"]
+    del forgotten
+    gc.collect()
+    successor = rseq.Ring.open(path)
+    assert successor.consume() == [b"a"]   # taken, never acknowledged: again
+    successor.close()
