@@ -345,12 +345,13 @@ static inline int ring_put_record(const struct ring *r, struct rseq_abi *rs, cha
             uint32_t tail = (uint32_t)__atomic_load_n(&lane->tail, __ATOMIC_ACQUIRE);
             if ((uint32_t)(pos - tail) + need > r->size) {
                 int ret;
-                if (use_cs) {
+#if RSEQ_ARCH_HAS_CS
+                if (use_cs)
                     ret = rseq_load_add_store(rs, RSEQ_INDEX_CPU_ID, (intptr_t *)&lane->dropped,
                                               1, cpu);
-                } else {
+                else
+#endif
                     ret = rseq_fallback_load_add_store((intptr_t *)&lane->dropped, 1);
-                }
                 if (ret == 0)
                     return RING_PUT_DROPPED;
                 aborts++;
