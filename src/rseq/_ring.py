@@ -470,50 +470,46 @@ def _cmd_tail(args) -> int:
                     break
         except BrokenPipeError:
             sys.stderr.close()
-        except KeyboardInterrupt:
-            pass
     return 0
 
 
 def add_subcommand(subparsers) -> None:
     """``ring stats NAME`` and ``ring tail NAME`` in the package's one
-    argparse tree."""
-    parser = subparsers.add_parser("ring", help="the accounting of an rseq.Ring, or its "
-                                   "records as they arrive")
-    sub = parser.add_subparsers(dest="ring_command", required=True,
-                                parser_class=type(parser))
+    argparse tree (rseq._cli)."""
+    from ._cli import positive_float, positive_int
+    parser = subparsers.add_parser(
+        "ring", help="the accounting of an rseq.Ring, or its records as they arrive",
+        description="Look at an rseq.Ring from the command line.")
+    sub = parser.add_subparsers(dest="ring_command", required=True, metavar="COMMAND")
     p = sub.add_parser("stats", help="produced, committed, consumed, dropped, overwritten, "
-                       "in ring: in total and per CPU (opens the ring read-only)")
+                       "in ring: in total and per CPU (opens the ring read-only)",
+                       description="A ring's accounting, in total and per CPU; the ring is "
+                                   "opened read-only, so this works beside its consumer.")
     p.add_argument("name", help="ring name (in /dev/shm) or path")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_run(_cmd_stats))
+    p.set_defaults(run=_run(_cmd_stats))
     p = sub.add_parser("tail", help="print records as they arrive, like tail -f (this "
-                       "process becomes the ring's consumer: it takes the records)")
+                       "process becomes the ring's consumer: it takes the records)",
+                       description="Print records as they arrive, like tail -f.  This "
+                                   "process becomes the ring's consumer (one at a time): "
+                                   "the records it prints are taken from the ring.")
     p.add_argument("name", help="ring name (in /dev/shm) or path")
     p.add_argument("--records", action="store_true",
                    help="show each record's CPU, sequence number, pid and time")
-    p.add_argument("--count", type=_positive, default=0, metavar="N",
+    p.add_argument("--count", type=positive_int, default=0, metavar="N",
                    help="stop after N records")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="stop after this long with nothing new (default: never)")
-    p.set_defaults(func=_run(_cmd_tail))
-
-
-def _positive(text: str) -> int:
-    import argparse
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+    p.set_defaults(run=_run(_cmd_tail))
 
 
 def _run(command):
-    """One line and status 2 for what the user can fix, never a traceback."""
+    """What the user can fix (no such ring, not a ring, busy, not allowed)
+    is a UsageError: one line and status 2, never a traceback."""
     def run(args) -> int:
-        import sys
+        from ._cli import UsageError
         try:
             return command(args)
         except (OSError, ValueError, _core.ArenaError) as e:
-            print(f"python -m rseq ring {args.ring_command}: error: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(e)) from None
     return run

@@ -581,6 +581,7 @@ def test_cli_stats_and_tail(ring, path):
     ring.consume()   # this process is the consumer now: tail gets a clear error
     proc = run_rseq_cli("ring", "tail", path, "--timeout", "0.1")
     assert proc.returncode == 2 and "already has a consumer" in proc.stderr
+    assert proc.stderr.startswith("python -m rseq ring tail: error: ")
 
 
 def test_lost_registration_moves_puts_to_the_fallback_lane(path):
