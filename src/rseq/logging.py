@@ -58,8 +58,8 @@ class RingHandler(logging.Handler):
         self._pid = os.getpid()
 
     def prepare(self, record: logging.LogRecord) -> dict:
-        """The record as a picklable dictionary (QueueHandler.prepare's
-        rules: the message is formatted once, here)."""
+        """The record as a dictionary (QueueHandler.prepare's rules: the
+        message is formatted once, here); encode() makes it picklable."""
         msg = self.format(record)
         record = copy.copy(record)
         record.message = msg
@@ -68,19 +68,20 @@ class RingHandler(logging.Handler):
         record.exc_info = None
         record.exc_text = None
         record.stack_info = None
-        data = dict(record.__dict__)
+        return dict(record.__dict__)
+
+    def encode(self, data: dict) -> bytes:
         try:
-            pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception:
+            # An attribute that cannot be pickled (an extra field holding a
+            # lock, a socket...) travels as its repr.
             for key, value in data.items():
                 try:
                     pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
                 except Exception:
                     data[key] = repr(value)
-        return data
-
-    def encode(self, data: dict) -> bytes:
-        payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+            payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
         limit = self.ring.max_record
         if len(payload) <= limit:
             return payload

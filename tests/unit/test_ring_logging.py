@@ -104,3 +104,17 @@ def test_module_does_not_shadow_the_standard_library():
     import logging as std
     assert std.__name__ == "logging" and hasattr(std, "getLogger")
     assert rlog.logging is std
+
+
+def test_unpicklable_extra_fields_travel_as_repr(tmp_path):
+    import threading
+    with rseq.Ring.create(str(tmp_path / "r")) as ring:
+        logger = logging.getLogger("rseq.test.unpicklable")
+        logger.propagate = False
+        handler = rlog.RingHandler(ring)
+        logger.addHandler(handler)
+        logger.warning("with a lock", extra={"lock": threading.Lock(), "n": 5})
+        logger.removeHandler(handler)
+        (record,) = rlog.RingListener(ring).dequeue(False)
+        assert record.getMessage() == "with a lock" and record.n == 5
+        assert "lock" in record.lock and isinstance(record.lock, str)
