@@ -51,6 +51,7 @@ SUBCOMMAND_MODULES = (
     "rseq.testing.stress",  # stress
     "rseq.model.cli",       # model list | check | conformance
     "rseq._ring",           # ring stats | tail
+    "rseq.metrics._cli",    # metrics show | serve
 )
 
 

@@ -117,7 +117,7 @@ def test_usage_errors_are_one_line(argv, fragment):
     assert "Traceback" not in proc.stderr
 
 
-SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "ring"]
+SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "ring", "metrics"]
 
 
 def test_help_lists_every_subcommand():
@@ -171,6 +171,18 @@ BAD_INPUT = [
                                                   "no ring"),
     (["ring", "tail", "x", "--count", "0"], "argument --count: must be a positive integer"),
     (["ring", "tail", "x", "--timeout", "-1"], "argument --timeout: must be a"),
+    (["metrics"], "python -m rseq metrics: error: the following arguments are required"),
+    (["metrics", "frobnicate"], "python -m rseq metrics: error: argument {show,serve}: "
+                                "invalid choice"),
+    (["metrics", "show"], "python -m rseq metrics show: error: the following arguments are "
+                          "required: name"),
+    (["metrics", "show", "x", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    (["metrics", "show", "/nonexistent/metrics"], "python -m rseq metrics show: error: no "
+                                                  "metrics file '/nonexistent/metrics'"),
+    (["metrics", "serve", "x"], "the following arguments are required: --port"),
+    (["metrics", "serve", "x", "--port", "70000"], "argument --port: must be a TCP port "
+                                                    "(0 to 65535), got 70000"),
+    (["metrics", "serve", "x", "--port", "-1"], "argument --port: must be a TCP port"),
 ]
 
 
