@@ -42,6 +42,17 @@ def test_ring_overwrite_case(point, workers, aborts_seen):
     aborts_seen.append(result.aborts)
 
 
+@pytest.mark.parametrize("point", (3, 4, 5))
+@pytest.mark.parametrize("action", ("signal", "yield"))
+def test_ring_mixed_threads_and_processes(point, action, aborts_seen):
+    """Producer threads of this process and producer processes at once (more
+    workers than CPUs): every record delivered once, intact, in lane order."""
+    result = ring_stress.ring_case(point=point, action=action, workers="mixed", nworkers=4,
+                                   reps=1000, loops=20000)
+    assert result.ok, result.line()
+    aborts_seen.append(result.aborts)
+
+
 def test_ring_kill_test():
     result = ring_stress.ring_kill_test(kills=100)
     assert result.ok, result.line()
