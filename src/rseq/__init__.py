@@ -14,6 +14,7 @@ from ._core import (
     NotOwnedWarning,
     PerCpuCounter,
     RegistrationError,
+    RingRecord,
     RseqError,
     Unsupported,
     cpu,
@@ -25,6 +26,7 @@ from ._core import (
 )
 from ._info import Info, info
 from ._registration import get_include, registered
+from ._ring import Ring, RingBusyError, RingStats
 
 __version__ = "0.1.0"
 
@@ -38,6 +40,10 @@ __all__ = [
     "NotOwnedWarning",
     "PerCpuCounter",
     "RegistrationError",
+    "Ring",
+    "RingBusyError",
+    "RingRecord",
+    "RingStats",
     "RseqError",
     "Unsupported",
     "cpu",

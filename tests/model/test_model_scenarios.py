@@ -133,3 +133,13 @@ def test_time_slice_yield_and_expiry_both_happen():
     expired = replay("time-slice", head + ["preempt cpu0 T2"] + ["step T1"] * 5)
     assert any("grant timer expired" in line for line in expired.trace), expired.trace
     assert in_time.holds and expired.holds
+
+
+def test_ring_broken_twins_fail_for_their_own_reason():
+    """The ring's twins are caught for the bug each one has: a torn read for
+    publish-before-copy, a lost or torn committed record for the plain copy."""
+    result = explore("ring-publish-first", "linux-6.3")
+    assert "torn record delivered" in result.violation
+    result = explore("ring-plain", "linux-6.3")
+    assert any(word in result.violation for word in ("torn record", "committed", "twice"))
+    assert any("preempt" in str(move) for move in result.schedule)

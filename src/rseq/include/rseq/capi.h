@@ -18,7 +18,7 @@
  *
  * The struct only grows: check `size` before using a member added after
  * version 1 (RSEQ_CAPI_HAS(api, member)).  Version 2 added the per-CPU
- * primitives.
+ * primitives, version 3 the producer side of rseq.Ring.
  */
 #ifndef RSEQ_CAPI_H
 #define RSEQ_CAPI_H
@@ -30,7 +30,7 @@
 #include "rseq/abi.h"
 
 #define RSEQ_CAPI_CAPSULE_NAME "rseq._core._C_API"
-#define RSEQ_CAPI_VERSION 2
+#define RSEQ_CAPI_VERSION 3
 
 enum rseq_capi_index_mode { RSEQ_CAPI_INDEX_CPU_ID = 0, RSEQ_CAPI_INDEX_MM_CID = 1 };
 
@@ -93,6 +93,16 @@ struct rseq_capi {
     int (*load_cbne_memcpy_store)(struct rseq_abi *area, int mode, intptr_t *v,
                                   intptr_t expect, void *dst, const void *src,
                                   size_t len, intptr_t newv, int cpu);
+
+    /* rseq.Ring producer (version 3).  ring_handle(ring) takes an rseq.Ring
+     * (with the GIL) and returns a handle valid while the caller keeps a
+     * reference to that Ring and does not close it; NULL with an exception
+     * set if it is not a writable open ring.  ring_put(handle, data, len)
+     * may be called without the GIL, from any thread: 1 committed, 0
+     * dropped (drop policy, lane full), -EMSGSIZE longer than the ring's
+     * max_record, -ENOMEM, -EUCLEAN the ring is corrupt. */
+    void *(*ring_handle)(PyObject *ring);
+    int (*ring_put)(void *handle, const void *data, size_t len);
 };
 
 #define RSEQ_CAPI_HAS(api, member) \
