@@ -18,6 +18,9 @@ SMALL = {name: [(2, 0), (1, 1)] for name in SCENARIOS}
 SMALL["counter"] = [(2, 0)]  # (1, 1) is 50 s here: long run only
 SMALL["counter-plain"] = [(2, 0)]
 SMALL["adaptive-mutex"] = [(2, 0)]  # (1, 1) takes 13 s under load
+for _name in ("ring", "ring-publish-first", "ring-plain"):  # (1, 1): 35 s each under load
+    if _name in SMALL:
+        SMALL[_name] = [(2, 0)]
 
 
 @pytest.mark.parametrize("name,bounds", [(n, b) for n, bs in SMALL.items() for b in bs],
