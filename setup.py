@@ -31,7 +31,8 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializ
           "-fno-strict-aliasing", "-fvisibility=hidden"]
 INCLUDES = ["csrc/lib", "csrc/py", "src/rseq/include"]
 # The per-CPU data structures of the binding, built again with injection.
-PER_CPU_SOURCES = ["csrc/lib/cpus.c", "csrc/py/counter.c", "csrc/py/arena.c"]
+PER_CPU_SOURCES = ["csrc/lib/cpus.c", "csrc/py/counter.c", "csrc/py/arena.c",
+                   "csrc/py/pool.c"]
 
 
 def extension(name, srcs, macros, includes=INCLUDES):

@@ -77,4 +77,7 @@ extern const char rseq_py_bench_c_doc[];
 #define RSEQ_BENCH_METHODS \
     {"_bench_c", rseq_py_bench_c, METH_VARARGS, rseq_py_bench_c_doc},
 
+/* pool.c: rseq.Pool's _PoolMap and rseq.PoolBlock. */
+int rseq_pool_add_types(PyObject *module);
+
 #endif /* RSEQ_PY_CORE_H */

@@ -522,6 +522,8 @@ static int module_exec(PyObject *module)
         return -1;
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
         return -1;
+    if (rseq_pool_add_types(module) < 0)
+        return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);
     if (!capsule)

@@ -13,6 +13,7 @@ from ._core import (
     ArenaFullError,
     NotOwnedWarning,
     PerCpuCounter,
+    PoolBlock,
     RegistrationError,
     RseqError,
     Unsupported,
@@ -24,6 +25,7 @@ from ._core import (
     unregister,
 )
 from ._info import Info, info
+from ._pool import Pool, PoolError, PoolExhaustedError, PoolOwnershipError, PoolStats
 from ._registration import get_include, registered
 
 __version__ = "0.1.0"
@@ -37,6 +39,12 @@ __all__ = [
     "Info",
     "NotOwnedWarning",
     "PerCpuCounter",
+    "Pool",
+    "PoolBlock",
+    "PoolError",
+    "PoolExhaustedError",
+    "PoolOwnershipError",
+    "PoolStats",
     "RegistrationError",
     "RseqError",
     "Unsupported",
