@@ -355,6 +355,94 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
 
 
 # ---------------------------------------------------------------------------
+# Pool cases (rseq.Pool through the test build)
+# ---------------------------------------------------------------------------
+
+# Points the pool passes through: 1-4 inside its pop and push sequences, 7
+# before them, 8 between reading a stack and its sequence (and inside the
+# overflow's two-step moves), 9 after an abort.
+POOL_POINTS = (1, 2, 3, 4, 7, 8, 9)
+
+
+def pool_exact(pool) -> str | None:
+    """None if every block of ``pool`` is free exactly once (nobody owns
+    any); otherwise what is wrong.  Stack entries counted twice would make
+    the free count pass the block count, a lost block would leave it short."""
+    census = pool._map.census(False)
+    free = census["on_stacks"] + census["in_overflow"]
+    if census["live_owned"] or census["dead_owned"] or census["damaged"] or \
+            free != pool.block_count:
+        return (f"{pool.block_count} blocks: {census['on_stacks']} on CPU stacks + "
+                f"{census['in_overflow']} in the overflow, {census['live_owned']} owned by "
+                f"live and {census['dead_owned']} by dead processes, "
+                f"{census['damaged']} damaged stack entries")
+    return None
+
+
+def _pool_worker(pool_map, worker: int, reps: int, hold: int, seed: int) -> int:
+    """Allocate and free ``reps`` blocks, holding up to ``hold`` at once; each
+    block carries its holder's tag at both ends, checked before it is freed.
+    Returns the number of blocks found with another holder's tag."""
+    rng = random.Random(seed)
+    held: list[tuple[int, memoryview, int]] = []
+    clashes = 0
+    for n in range(reps):
+        index = pool_map.alloc_index()
+        view = pool_map.view(index).cast("q")
+        tag = (worker + 1) << 32 | n
+        view[0] = tag
+        view[-1] = tag
+        held.append((index, view, tag))
+        if len(held) >= hold or rng.random() < 0.5:
+            index, view, tag = held.pop(rng.randrange(len(held)))
+            clashes += view[0] != tag or view[-1] != tag
+            pool_map.free(index)
+    for index, view, tag in held:
+        clashes += view[0] != tag or view[-1] != tag
+        pool_map.free(index)
+    return clashes
+
+
+def pool_case(*, point: int, action: str, workers: str, nworkers: int, reps: int,
+              loops: int, migrate: bool = True, blocks: int = 24, cache: int = 4,
+              hold: int = 3) -> CaseResult:
+    """Threads or processes allocate and free under the disturber with one
+    injection point widened; expected: every cycle clean (no block with two
+    holders) and, at the end, every block free exactly once."""
+    import rseq
+
+    from .. import _inject
+
+    name = f"pool    point={point} action={action:<6} index=cpu    workers={workers}"
+
+    def setup(stack):
+        path = os.path.join(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="rseq-stress-")), "pool")
+        pool = stack.enter_context(rseq.Pool.create(path, block_size=64, block_count=blocks,
+                                                    cache=cache))
+        shared_map = pool._map_through(_inject)
+        clashes = _SharedCounts(nworkers)
+
+        def work(worker, in_child):
+            pool_map = (rseq.Pool.open(path)._map_through(_inject) if in_child
+                        else shared_map)
+            clashes[worker] = _pool_worker(pool_map, worker, reps, hold, worker)
+
+        def check():
+            problem = pool_exact(pool)
+            bad = clashes.total()
+            # got = clean cycles; a clash or an inexact pool shows as a shortfall
+            got = nworkers * reps - bad - (problem is not None)
+            if problem:
+                print(f"  pool not exact after {name}: {problem}", file=sys.stderr)
+            return nworkers * reps, got
+        return work, check
+
+    return _run_case(name, point=point, action=action, loops=loops, workers=workers,
+                     nworkers=nworkers, migrate=migrate, setup=setup)
+
+
+# ---------------------------------------------------------------------------
 # Kill test
 # ---------------------------------------------------------------------------
 
@@ -474,6 +562,131 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
             os.waitpid(pid, 0)
         for f in os.listdir(tmpdir):
             os.unlink(os.path.join(tmpdir, f))
+        os.rmdir(tmpdir)
+
+
+@dataclasses.dataclass
+class PoolKillResult:
+    kills: int
+    reclaimed: int
+    reclaimed_while_running: int
+    blocks: int
+    seconds: float
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        text = (f"  {status}  pool kill test: {self.kills} SIGKILLs of allocating processes, "
+                f"reclaim() recovered {self.reclaimed} blocks at the end "
+                f"({self.reclaimed_while_running} more while workers ran), "
+                f"{self.blocks} blocks all free exactly once, {self.seconds:.1f}s")
+        return "\n".join([text] + [f"        problem: {p}" for p in self.problems])
+
+
+def _pool_kill_worker(path: str, seed: int, loops: int):
+    import rseq
+
+    from .. import _inject
+    rng = random.Random(seed)
+    # Wide windows inside the sequences and between the overflow's steps,
+    # so that kills land there too.
+    for point in (3, 4, 8):
+        _inject.set_loops(point, loops)
+    pool_map = rseq.Pool.open(path)._map_through(_inject)
+    held = []
+    me = os.getpid()
+    while True:
+        if len(held) < 4 and rng.random() < 0.6:
+            try:
+                index = pool_map.alloc_index()
+            except rseq.PoolExhaustedError:
+                index = None
+            if index is not None:
+                pool_map.view(index).cast("q")[0] = me
+                held.append(index)
+        elif held:
+            index = held.pop(rng.randrange(len(held)))
+            if pool_map.view(index).cast("q")[0] != me:
+                os._exit(3)   # a block with two holders: reported by the exit status
+            pool_map.free(index)
+
+
+def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
+                   blocks: int = 32, cache: int = 4, loops: int = 2000) -> PoolKillResult:
+    """SIGKILL allocating processes at random instants (inside sequences
+    and between the overflow's steps too), reclaim() now and then while the
+    others run, and at the end: reclaim() must give back every block the
+    dead held, each free exactly once, and the pool must still serve all of
+    its blocks."""
+    import rseq
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    tmpdir = tempfile.mkdtemp(prefix="rseq-kill-")
+    path = os.path.join(tmpdir, "pool")
+    problems: list[str] = []
+    pool = rseq.Pool.create(path, block_size=64, block_count=blocks, cache=cache)
+    running: set[int] = set()
+    killed = 0
+    during = 0
+
+    def spawn(n):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _pool_kill_worker(path, seed * 100003 + n, loops)
+            finally:
+                os._exit(1)
+        running.add(pid)
+
+    def reap(pid):
+        _, status = os.waitpid(pid, 0)
+        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            problems.append(f"worker {pid} ended by itself: status {status:#x} "
+                            f"(3: it found a block with another holder)")
+
+    try:
+        for n in range(workers):
+            spawn(n)
+        while killed < kills:
+            time.sleep(rng.uniform(0.0, 0.01))
+            pid = rng.choice(sorted(running))
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+            running.discard(pid)
+            killed += 1
+            if killed % 10 == 0:
+                during += pool.reclaim()
+            spawn(workers + killed)
+        for pid in list(running):
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+            killed += 1
+        running.clear()
+        reclaimed = pool.reclaim()
+        problem = pool_exact(pool)
+        if problem:
+            problems.append(f"after reclaim(): {problem}")
+        # Still usable: every block can be allocated (none twice), then freed.
+        got = [pool.alloc_index() for _ in range(blocks)]
+        if sorted(got) != list(range(blocks)):
+            problems.append(f"allocating every block gave {sorted(got)}")
+        for index in got:
+            pool.free(index)
+        problem = pool_exact(pool)
+        if problem:
+            problems.append(f"after a full round: {problem}")
+        return PoolKillResult(killed, reclaimed, during, blocks, time.perf_counter() - start,
+                              problems)
+    finally:
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        pool.close()
+        os.unlink(path)
         os.rmdir(tmpdir)
 
 
