@@ -6,7 +6,9 @@ critical section is widened and the workers are disturbed, then checks the
 exact expected total:
 
   structure   PerCpuCounter (threads) and ArenaCounter (threads, processes),
-              and each per-CPU primitive (rseq._inject.PRIMITIVES)
+              each per-CPU primitive (rseq._inject.PRIMITIVES), and rseq.Pool
+              (threads, processes: no block with two holders, every block
+              free exactly once at the end)
   point       the numbered injection points of inject.h
   action      yield / sleep at the C points, or a signal storm
   index       cpu_id, and mm_cid where the registration covers it (the mm_cid
@@ -16,7 +18,8 @@ exact expected total:
 The kill test SIGKILLs arena workers at random instants and checks that the
 arena still validates, no key is left claimed by a dead process in a way
 that blocks, and the counter lies between what the workers had committed and
-that plus one per kill.
+that plus one per kill.  The pool kill test SIGKILLs allocating processes and
+checks that reclaim() gives back every block they held, each free once.
 """
 from __future__ import annotations
 
@@ -712,6 +715,12 @@ def matrix(quick: bool, index_modes: tuple[str, ...]):
                 points, ACTIONS, index_modes, ("threads", "processes")):
             yield "primitive", dict(primitive=primitive, point=point, action=action,
                                     index=index, workers=workers)
+    if "cpu" in index_modes:  # a shared pool indexes by cpu_id only
+        points = tuple(p for p in POOL_POINTS if p in QUICK_POINTS or p == 8) if quick \
+            else POOL_POINTS
+        for point, action, workers in itertools.product(points, ACTIONS,
+                                                        ("threads", "processes")):
+            yield "pool", dict(point=point, action=action, workers=workers)
 
 
 def run_matrix(quick: bool, index_modes: tuple[str, ...], out=print) -> list[CaseResult]:
@@ -722,7 +731,7 @@ def run_matrix(quick: bool, index_modes: tuple[str, ...], out=print) -> list[Cas
     loops = 20000
     results = []
     for kind, params in matrix(quick, index_modes):
-        run = counter_case if kind == "counter" else primitive_case
+        run = {"counter": counter_case, "primitive": primitive_case, "pool": pool_case}[kind]
         result = run(nworkers=nworkers, reps=reps, loops=loops, **params)
         results.append(result)
         out(result.line())
@@ -783,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
         kill = kill_test(kills=args.kills)
         out(kill.line())
         ok &= kill.ok
+        pool_kill = pool_kill_test(kills=args.kills)
+        out(pool_kill.line())
+        ok &= pool_kill.ok
     ran = sum(1 for c in cases if not c["skipped"])
     failed = sum(1 for c in cases if not c["ok"])
     out(f"rseq stress: {ran} cases run, {len(cases) - ran} skipped, {failed} failed"
