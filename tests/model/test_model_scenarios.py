@@ -128,3 +128,25 @@ def test_time_slice_yield_and_expiry_both_happen():
     expired = replay("time-slice", head + ["preempt cpu0 T2"] + ["step T1"] * 5)
     assert any("grant timer expired" in line for line in expired.trace), expired.trace
     assert in_time.holds and expired.holds
+
+
+def test_pool_broken_twin_leaks_a_block_when_killed_after_the_commit():
+    """rseq.Pool's pop must record the owner inside its sequence: the twin that
+    commits first leaks the block when its process dies between the two."""
+    result = explore("pool-owner-after-commit", preemptions=0)
+    assert not result.holds
+    assert "is lost" in result.violation
+    text = "\n".join(result.trace)
+    assert "(commit)" in text and "SIGKILL here? -> 1" in text
+    # the last thing before the violation: the commit, then the kill
+    commit = max(i for i, line in enumerate(result.trace) if "(commit)" in line)
+    assert "SIGKILL here? -> 1" in result.trace[commit + 1]
+
+
+def test_pool_holds_when_killed_inside_the_sequence():
+    """The same kill points against the real design: a kill after the
+    speculative owner store leaves the block on the stack (free), a kill after
+    the commit leaves it owned by the dead process (reclaimed)."""
+    result = explore("pool")
+    assert result.holds, result.report()
+    assert result.terminal_states > 0

@@ -28,6 +28,7 @@ from ._program import (
     rseq_unregister,
 )
 from ._scenarios import SCENARIOS, Scenario, ThreadSpec
+from . import _pool_scenarios  # noqa: F401,E402,I001  (registers the pool scenarios)
 from ._variants import VARIANTS, Variant
 from .conformance import CASES, conformance
 
