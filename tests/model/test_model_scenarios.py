@@ -142,11 +142,3 @@ def test_pool_broken_twin_leaks_a_block_when_killed_after_the_commit():
     commit = max(i for i, line in enumerate(result.trace) if "(commit)" in line)
     assert "SIGKILL here? -> 1" in result.trace[commit + 1]
 
-
-def test_pool_holds_when_killed_inside_the_sequence():
-    """The same kill points against the real design: a kill after the
-    speculative owner store leaves the block on the stack (free), a kill after
-    the commit leaves it owned by the dead process (reclaimed)."""
-    result = explore("pool")
-    assert result.holds, result.report()
-    assert result.terminal_states > 0
