@@ -429,6 +429,12 @@ static const struct rseq_capi capi = {
     .load_cbeq_store_load_store = capi_load_cbeq_store_load_store,
     .load_cbne_store_store = capi_load_cbne_store_store,
     .load_cbne_memcpy_store = capi_load_cbne_memcpy_store,
+    .pool_of = rseq_capi_pool_of,
+    .pool_alloc = rseq_capi_pool_alloc,
+    .pool_free = rseq_capi_pool_free,
+    .pool_block = rseq_capi_pool_block,
+    .pool_block_size = rseq_capi_pool_block_size,
+    .pool_block_count = rseq_capi_pool_block_count,
 };
 
 /* ------------------------------------------------------------------------

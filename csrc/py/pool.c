@@ -635,20 +635,57 @@ static PyType_Spec pool_block_spec = {
  * C API: alloc and free by index
  * ------------------------------------------------------------------------ */
 
-/* The pool behind a _PoolMap object, for the capsule's pool functions.
- * Needs the GIL; the pointer lives as long as the object. */
-struct rseq_pool *rseq_py_pool_of(PyObject *obj, PyObject *map_type)
+/* The _PoolMap type of this module (rseq._core's for the capsule). */
+static PyObject *pool_map_type_ref;
+
+struct rseq_capi_pool *rseq_capi_pool_of(PyObject *obj)
 {
-    if (!PyObject_TypeCheck(obj, (PyTypeObject *)map_type)) {
-        PyErr_SetString(PyExc_TypeError, "expected the _PoolMap of an rseq.Pool "
+    if (!pool_map_type_ref || !PyObject_TypeCheck(obj, (PyTypeObject *)pool_map_type_ref)) {
+        PyErr_SetString(PyExc_TypeError, "pool_of() takes the _PoolMap of an rseq.Pool "
                         "(pool._map)");
         return NULL;
     }
     if (((PoolMapObject *)obj)->readonly) {
-        PyErr_SetString(PyExc_ValueError, "the pool is open read-only");
+        PyErr_SetString(PyExc_ValueError, "pool_of(): the pool is open read-only");
         return NULL;
     }
-    return &((PoolMapObject *)obj)->pool;
+    return (struct rseq_capi_pool *)&((PoolMapObject *)obj)->pool;
+}
+
+int64_t rseq_capi_pool_alloc(struct rseq_capi_pool *handle)
+{
+    struct rseq_pool *p = (struct rseq_pool *)handle;
+    uint64_t me = rseq_pool_self();
+    int64_t i = rseq_pool_alloc(p, counter_thread_area(), me);
+    if (i != RSEQ_POOL_EMPTY)
+        return i;
+    struct rseq_pool_census census;
+    if (rseq_pool_census(p, 1, &census) < 0)
+        return RSEQ_POOL_EMPTY;
+    return rseq_pool_alloc(p, counter_thread_area(), me);
+}
+
+int rseq_capi_pool_free(struct rseq_capi_pool *handle, uint64_t index)
+{
+    uint64_t owner;
+    return rseq_pool_free((struct rseq_pool *)handle, counter_thread_area(), rseq_pool_self(),
+                          index, &owner);
+}
+
+void *rseq_capi_pool_block(struct rseq_capi_pool *handle, uint64_t index)
+{
+    struct rseq_pool *p = (struct rseq_pool *)handle;
+    return index < p->block_count ? rseq_pool_block(p, index) : NULL;
+}
+
+uint64_t rseq_capi_pool_block_size(struct rseq_capi_pool *handle)
+{
+    return ((struct rseq_pool *)handle)->block_size;
+}
+
+uint64_t rseq_capi_pool_block_count(struct rseq_capi_pool *handle)
+{
+    return ((struct rseq_pool *)handle)->block_count;
 }
 
 int rseq_pool_add_types(PyObject *module)
@@ -657,9 +694,11 @@ int rseq_pool_add_types(PyObject *module)
     if (!map)
         return -1;
     int ret = PyModule_AddObjectRef(module, "_PoolMap", map);
-    Py_DECREF(map);
-    if (ret < 0)
+    if (ret < 0) {
+        Py_DECREF(map);
         return -1;
+    }
+    Py_XSETREF(pool_map_type_ref, map); /* kept for the capsule's pool_of() */
     PyObject *block = PyType_FromModuleAndSpec(module, &pool_block_spec, NULL);
     if (!block)
         return -1;
