@@ -140,6 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "model":
         return _cmd_model(argv[1:])
+    if argv and argv[0] == "pool":
+        from ._pool import cli_main as pool_main
+        return pool_main(argv[1:])
     if argv and argv[0] == "stress":
         from .testing.stress import main as stress_main
         return stress_main(argv[1:])

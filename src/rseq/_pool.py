@@ -377,3 +377,67 @@ class Pool:
         state = "closed" if self.closed else \
             f"{self.block_count} blocks of {self.block_size} bytes"
         return f"<rseq.Pool {self._path!r} {state}>"
+
+
+# -- the command line: python -m rseq pool stats NAME -------------------------
+
+def format_stats(pool: Pool, stats: PoolStats) -> str:
+    lines = [f"pool {pool.path}: {stats.block_count} blocks of {stats.block_size} bytes "
+             f"(cache {pool.cache} per CPU)",
+             f"  free            {stats.free} ({stats.in_overflow} in the overflow, "
+             f"{stats.free - stats.in_overflow} on CPU stacks)",
+             "  free per CPU    " + " ".join(f"cpu{c}:{n}" for c, n in
+                                             enumerate(stats.free_per_cpu) if n) or "-",
+             f"  allocated       {stats.allocated} ({stats.live_owned} by live processes, "
+             f"{stats.dead_owned} by dead ones: reclaim() returns those)"]
+    if stats.owners:
+        lines.append("  owners          " + " ".join(
+            f"pid {pid}:{n}" for pid, n in sorted(stats.owners.items())))
+    return "\n".join(lines)
+
+
+def _run_stats(args) -> int:
+    import json
+    import sys
+    try:
+        with Pool.open(args.name, readonly=True, trust=args.trust) as pool:
+            stats = pool.stats()
+            if args.json:
+                print(json.dumps(dataclasses.asdict(stats) | {"path": pool.path,
+                                                              "cache": pool.cache}))
+            else:
+                print(format_stats(pool, stats))
+    except (OSError, _core.ArenaFormatError, ValueError) as e:
+        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        print(f"python -m rseq pool stats: {text}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    """``pool stats NAME``: the one-argparse-tree hook of ``rseq._cli``."""
+    parser = subparsers.add_parser("pool", help="look at a shared-memory rseq.Pool",
+                                   description="Look at a shared-memory rseq.Pool.")
+    actions = parser.add_subparsers(dest="pool_command", required=True)
+    stats = actions.add_parser("stats", help="free per CPU, in the overflow, allocated, "
+                               "owned by live and by dead processes",
+                               description="Free blocks per CPU and in the overflow, "
+                               "allocated blocks and who owns them (opened read-only).")
+    stats.add_argument("name", help="the pool's name (in /dev/shm) or path")
+    stats.add_argument("--json", action="store_true", help="the fields of rseq.PoolStats")
+    stats.add_argument("--trust", help="accept a file owned by this user (see Pool.open)")
+    stats.set_defaults(run=_run_stats, func=_run_stats)
+
+
+def cli_main(argv: list[str]) -> int:
+    """``python -m rseq pool ...`` until the one argparse tree takes it."""
+    import argparse
+
+    class _OneLine(argparse.ArgumentParser):
+        def error(self, message: str):
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    parser = _OneLine(prog="python -m rseq")
+    add_subcommand(parser.add_subparsers(dest="command", parser_class=_OneLine))
+    args = parser.parse_args(["pool", *argv])
+    return args.run(args)

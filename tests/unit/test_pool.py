@@ -561,3 +561,30 @@ time.sleep(60)
     assert pool.reclaim() == 7
     assert pool.reclaim() == 0
     assert pool_exact(pool) is None
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def test_cli_pool_stats(path, pool):
+    import json
+
+    from helpers.subproc import run_rseq_cli
+    held = [pool.alloc_index() for _ in range(3)]
+    proc = run_rseq_cli("pool", "stats", path)
+    assert proc.returncode == 0, proc.stderr
+    assert "32 blocks of 128 bytes" in proc.stdout
+    assert "3 by live processes" in proc.stdout and f"pid {os.getpid()}:3" in proc.stdout
+    proc = run_rseq_cli("pool", "stats", path, "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["allocated"] == data["live_owned"] == 3 and data["free"] == 29
+    assert data["owners"] == {str(os.getpid()): 3}
+    for i in held:
+        pool.free(i)
+    proc = run_rseq_cli("pool", "stats", path + "-absent")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    assert "no pool" in proc.stderr
+    proc = run_rseq_cli("pool")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
