@@ -13,6 +13,8 @@
 #define _GNU_SOURCE
 #include <Python.h>
 
+#include <time.h>
+
 #include "core.h"
 #include "counter_type.h" /* RSEQ_TYPE_NAME */
 #include "pool.h"
@@ -494,7 +496,66 @@ static PyObject *pool_map_identity(PoolMapObject *Py_UNUSED(m), PyObject *Py_UNU
     return Py_BuildValue("(IK)", rseq_pool_identity_pid(me), rseq_pool_identity_start(me));
 }
 
+/* ns per alloc + free pair in C, GIL released, from the calling thread:
+ * kind 'pool' (this pool, by index) or 'malloc' (malloc/free of a block's
+ * size, the reference).  For `python -m rseq bench --section pool`. */
+static double bench_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+static PyObject *pool_map_bench_pairs(PoolMapObject *m, PyObject *args)
+{
+    const char *kind;
+    long iterations;
+    if (!PyArg_ParseTuple(args, "sl:_bench_pairs", &kind, &iterations))
+        return NULL;
+    int use_pool = strcmp(kind, "pool") == 0;
+    if ((!use_pool && strcmp(kind, "malloc") != 0) || iterations < 1) {
+        PyErr_SetString(PyExc_ValueError, "kind 'pool' or 'malloc', iterations > 0");
+        return NULL;
+    }
+    if (m->readonly)
+        return refuse_readonly(m, "_bench_pairs");
+    long failures = 0;
+    double t0, t1;
+    size_t size = (size_t)m->pool.block_size;
+    Py_BEGIN_ALLOW_THREADS
+    struct rseq_abi *rs = counter_thread_area();
+    uint64_t me = rseq_pool_self(), owner;
+    t0 = bench_now_ns();
+    if (use_pool) {
+        for (long i = 0; i < iterations; i++) {
+            int64_t index = rseq_pool_alloc(&m->pool, rs, me);
+            if (index < 0 || rseq_pool_free(&m->pool, rs, me, (uint64_t)index, &owner) != 0)
+                failures++;
+        }
+    } else {
+        for (long i = 0; i < iterations; i++) {
+            char *p = malloc(size);
+            if (!p)
+                failures++;
+            else
+                *(volatile char *)p = 1;
+            free(p);
+        }
+    }
+    t1 = bench_now_ns();
+    Py_END_ALLOW_THREADS
+    if (failures) {
+        PyErr_Format(PyExc_RuntimeError, "_bench_pairs: %ld of %ld pairs failed", failures,
+                     iterations);
+        return NULL;
+    }
+    return PyFloat_FromDouble((t1 - t0) / (double)iterations);
+}
+
 static PyMethodDef pool_map_methods[] = {
+    {"_bench_pairs", (PyCFunction)pool_map_bench_pairs, METH_VARARGS,
+     "_bench_pairs($self, kind, iterations, /)\n--\n\n"
+     "ns per alloc + free pair in C ('pool' or 'malloc'), GIL released."},
     {"alloc_index", (PyCFunction)pool_map_alloc_index, METH_NOARGS,
      "alloc_index($self, /)\n--\n\nAllocate a block; its index."},
     {"alloc", (PyCFunction)pool_map_alloc, METH_NOARGS,

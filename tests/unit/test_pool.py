@@ -588,3 +588,35 @@ def test_cli_pool_stats(path, pool):
     assert "no pool" in proc.stderr
     proc = run_rseq_cli("pool")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------
+# Benchmark section and the steady state's system calls
+# ---------------------------------------------------------------------------
+
+def test_bench_pool_section_structure():
+    from rseq import _bench
+    result = _bench.bench_pool(quick=True)
+    assert {"title", "unit", "rounds", "ns", "ratio_to_floor", "floor", "targets",
+            "c_level_ns"} <= set(result)
+    assert {"{}.get(1) [floor]", "pool.alloc_index() + pool.free(i)",
+            "pool.alloc() + memoryview + free", "bytearray(64)", "bytearray(4096)",
+            "SharedMemory(4096) + close + unlink"} <= set(result["ns"])
+    assert all(0 < v < 1e7 for v in result["ns"].values())
+    assert all(0 < v < 1e5 for v in result["c_level_ns"].values())
+    assert "pool" in _bench.SECTIONS
+
+
+def test_steady_state_makes_no_system_calls():
+    """strace -c -f of 200,000 alloc_index() + free() pairs counts the same
+    system calls as the same script without the loop."""
+    import shutil
+
+    from rseq import _bench
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed (apt-get install strace)")
+    result = _bench.pool_syscalls(200_000)
+    if result is None:
+        pytest.skip("strace could not trace here (ptrace denied?)")
+    # A few calls of slack for the interpreter's own start-up noise.
+    assert result["syscalls with the loop"] - result["syscalls without the loop"] < 20, result
