@@ -312,7 +312,8 @@ def pool_syscalls(pairs: int = 1_000_000) -> dict | None:
                                   capture_output=True, text=True, timeout=300)
             if proc.returncode != 0:
                 return None
-            lines = [line.split() for line in open(out) if line.strip().endswith("total")]
+            with open(out) as report:
+                lines = [line.split() for line in report if line.strip().endswith("total")]
             if not lines:
                 return None
             totals[n] = int(lines[-1][3 if len(lines[-1]) >= 5 else 2])
@@ -333,42 +334,42 @@ def bench_pool(quick: bool = False) -> dict:
     rounds = 5 if quick else 15
     seconds = 0.01 if quick else 0.03
     notes = []
-    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
-        with Pool.create(os.path.join(tmp, "pool"), block_size=4096, block_count=256) as pool:
-            def shm_create_close_unlink():
-                shm = shared_memory.SharedMemory(create=True, size=4096)
-                shm.close()
-                shm.unlink()
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp, \
+            Pool.create(os.path.join(tmp, "pool"), block_size=4096, block_count=256) as pool:
+        def shm_create_close_unlink():
+            shm = shared_memory.SharedMemory(create=True, size=4096)
+            shm.close()
+            shm.unlink()
 
-            pair = {"a": pool.alloc_index, "f": pool.free}
-            with_view = {"a": pool.alloc, "f": pool.free, "m": memoryview}
-            cases: dict = {
-                "{}.get(1) [floor]": ({}.get, "f(1)"),
-                "pool.alloc_index() + pool.free(i)": (pair, "f(a())"),
-                "pool.alloc() + memoryview + free": (with_view, "b = a(); v = m(b); f(b)"),
-                "with pool.alloc() as mv: (frees)": ({"a": pool.alloc},
-                                                     "with a() as mv: pass"),
-                "bytearray(64)": ({"f": bytearray}, "f(64)"),
-                "bytearray(4096)": ({"f": bytearray}, "f(4096)"),
-                "SharedMemory(4096) + close + unlink": shm_create_close_unlink,
-            }
-            try:
-                import numpy
-                cases["pool.alloc() + numpy.frombuffer + free"] = (
-                    {"a": pool.alloc, "f": pool.free, "fb": numpy.frombuffer,
-                     "d": numpy.float64}, "b = a(); x = fb(b, d); del x; f(b)")
-                cases["numpy.empty(512) (4096 bytes)"] = ({"f": numpy.empty}, "f(512)")
-            except ImportError:
-                notes.append("numpy not installed (pip install numpy) to compare")
-            ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
-            iterations = 1_000_000 if quick else 10_000_000
-            c_level = {
-                "rseq.Pool alloc + free (by index)": statistics.median(
-                    pool._map._bench_pairs("pool", iterations) for _ in range(3 if quick else 7)),
-                "malloc(4096) + free": statistics.median(
-                    pool._map._bench_pairs("malloc", iterations)
-                    for _ in range(3 if quick else 7)),
-            }
+        pair = {"a": pool.alloc_index, "f": pool.free}
+        with_view = {"a": pool.alloc, "f": pool.free, "m": memoryview}
+        cases: dict = {
+            "{}.get(1) [floor]": ({}.get, "f(1)"),
+            "pool.alloc_index() + pool.free(i)": (pair, "f(a())"),
+            "pool.alloc() + memoryview + free": (with_view, "b = a(); v = m(b); f(b)"),
+            "with pool.alloc() as mv: (frees)": ({"a": pool.alloc},
+                                                 "with a() as mv: pass"),
+            "bytearray(64)": ({"f": bytearray}, "f(64)"),
+            "bytearray(4096)": ({"f": bytearray}, "f(4096)"),
+            "SharedMemory(4096) + close + unlink": shm_create_close_unlink,
+        }
+        try:
+            import numpy
+            cases["pool.alloc() + numpy.frombuffer + free"] = (
+                {"a": pool.alloc, "f": pool.free, "fb": numpy.frombuffer,
+                 "d": numpy.float64}, "b = a(); x = fb(b, d); del x; f(b)")
+            cases["numpy.empty(512) (4096 bytes)"] = ({"f": numpy.empty}, "f(512)")
+        except ImportError:
+            notes.append("numpy not installed (pip install numpy) to compare")
+        ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
+        iterations = 1_000_000 if quick else 10_000_000
+        c_level = {
+            "rseq.Pool alloc + free (by index)": statistics.median(
+                pool._map._bench_pairs("pool", iterations) for _ in range(3 if quick else 7)),
+            "malloc(4096) + free": statistics.median(
+                pool._map._bench_pairs("malloc", iterations)
+                for _ in range(3 if quick else 7)),
+        }
     notes.append("librseq's mempool is not built here (it is process-private memory "
                  "anyway): the C reference is glibc malloc/free")
     syscalls = None if quick else pool_syscalls()

@@ -240,7 +240,7 @@ def test_pool_alloc_and_free_by_index_from_c(ext, tmp_path):
         assert ext.pool_errors(pool._map) == (0, -3, -2, False)
         with pytest.raises(TypeError, match="_PoolMap"):
             ext.pool_churn(object(), 1, 1)
-    with rseq.Pool.create(str(tmp_path / "ro"), block_size=64, block_count=4) as pool:
-        with rseq.Pool.open(pool.path, readonly=True) as ro, \
-                pytest.raises(ValueError, match="read-only"):
-            ext.pool_churn(ro._map, 1, 1)
+    with rseq.Pool.create(str(tmp_path / "ro"), block_size=64, block_count=4) as pool, \
+            rseq.Pool.open(pool.path, readonly=True) as ro, \
+            pytest.raises(ValueError, match="read-only"):
+        ext.pool_churn(ro._map, 1, 1)

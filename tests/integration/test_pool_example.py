@@ -17,7 +17,8 @@ README = os.path.join(os.path.dirname(TESTS_DIR), "README.md")
 
 
 def readme_example() -> str:
-    text = open(README).read()
+    with open(README) as f:
+        text = f.read()
     start = text.index("A worked example: one process fills blocks with numpy")
     match = re.search(r"```python\n(.*?)```", text[start:], re.DOTALL)
     assert match, "the worked example's code block is missing"

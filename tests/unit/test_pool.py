@@ -43,7 +43,7 @@ def pinned(cpu: int, fn, *args):
             os.sched_setaffinity(0, {cpu})
             out["result"] = fn(*args)
             out["cpu_after"] = os.sched_getaffinity(0)
-        except BaseException as e:  # noqa: BLE001 (re-raised in the caller)
+        except BaseException as e:  # re-raised in the caller
             out["error"] = e
     t = threading.Thread(target=body)
     t.start()
@@ -497,7 +497,8 @@ def test_existing_name_and_squatted_files(tmp_path, path, pool):
 
 def test_damaged_files(tmp_path, path, pool):
     pool.close()
-    data = open(path, "rb").read()
+    with open(path, "rb") as f:
+        data = f.read()
     size = len(data)
 
     def reopen(content: bytes, name: str = "bad"):

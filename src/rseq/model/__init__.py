@@ -6,6 +6,7 @@ system-call step at a time, under one of several ABI variants; an explorer
 runs them through every interleaving within a bound.  See docs/model.md.
 """
 
+from . import _pool_scenarios  # noqa: F401  (registers the pool scenarios)
 from ._abi import errno_name
 from ._explore import Result, explore, random_walk, replay
 from ._machine import Machine, Region, Thread
@@ -28,7 +29,6 @@ from ._program import (
     rseq_unregister,
 )
 from ._scenarios import SCENARIOS, Scenario, ThreadSpec
-from . import _pool_scenarios  # noqa: F401,E402,I001  (registers the pool scenarios)
 from ._variants import VARIANTS, Variant
 from .conformance import CASES, conformance
 
