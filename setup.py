@@ -6,7 +6,8 @@ folder decides which build it joins:
   csrc/lib/      pure C (no Python.h): registration, CPU discovery, the
                  per-CPU primitives and their architecture files
   csrc/py/       the CPython binding rseq._core
-  csrc/testing/  the test build only (rseq._inject)
+  csrc/testing/  the test build only (rseq._inject); its pure-C stress
+                 workload (workload.c) is also tests/c/param_test's
 
 Two extension modules:
   rseq._core    lib + py, release build: the delay-injection points of the

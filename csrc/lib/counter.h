@@ -21,6 +21,21 @@
  * after that slot was read stays in the value; one that landed before is in
  * what reset() returned: no increment is lost or counted twice, and no lock
  * is taken, so a process killed at any instant leaves nothing held.
+ *
+ * reset() cannot empty the slots (each belongs to its CPU's sequences), so
+ * a slot may stay near the end of the int64 range after reset() has moved
+ * its content into the baseline.  An add that its slot (or the fallback
+ * lane) cannot take without overflowing therefore goes to the baseline
+ * instead: baseline -= n adds n to the value, with one 16-byte
+ * compare-and-swap that reset() sees like its own, so it stays exact and
+ * lock-free.  That path refuses (OverflowError) only an add that would take
+ * the counter's value out of the signed 64-bit range: after reset() every
+ * add whose result fits is accepted, on every CPU.
+ *
+ * Lost registration: when the thread's rseq registration ends behind the
+ * package's back (cpu_id becomes -1), counter_add sees it before the next
+ * sequence, moves the thread to the fallback (info().fallback says why) and
+ * adds to the fallback lane, which stays exact beside the rseq writers.
  */
 #ifndef RSEQ_PY_COUNTER_H
 #define RSEQ_PY_COUNTER_H
@@ -45,13 +60,39 @@ static inline int64_t *counter_slot(const struct counter_slots *c, uint32_t cpu)
     return (int64_t *)(c->regions + (size_t)cpu * c->region_size + (size_t)c->index * 8);
 }
 
-/* Add n: 0 done, 1 the slot would overflow (nothing added). */
+static inline __int128 counter_sum(const struct counter_slots *c);
+static inline __int128 counter_baseline(const struct counter_slots *c);
+
+/* Add n through the baseline (see the top of this file): 0 done, 1 the
+ * value would leave the signed 64-bit range (nothing added).  The range
+ * check reads a snapshot of the value; the add itself is exact.  Lock-free:
+ * the compare-and-swap fails only when another reset() or spill succeeded. */
+static inline int counter_spill(const struct counter_slots *c, int64_t n)
+{
+    __int128 old = counter_baseline(c);
+    for (;;) {
+        __int128 value = counter_sum(c) - old + n;
+        if (value > INT64_MAX || value < INT64_MIN)
+            return 1;
+        if (rseq_arch_cas128(c->baseline, &old, old - n))
+            return 0;
+    }
+}
+
+/* Add n: 0 done, 1 the value would leave the signed 64-bit range (nothing
+ * added). */
 static inline int counter_add(const struct counter_slots *c, int64_t n)
 {
 #if RSEQ_ARCH_HAS_CS
     struct rseq_abi *rs = counter_thread_area();
     if (__builtin_expect(rs != NULL, 1)) {
-        for (;;) {
+        for (unsigned int aborts = 0; aborts < RSEQ_PERCPU_MAX_ABORTS; aborts++) {
+            /* Before each sequence: a lost area aborts cpu_id sequences
+             * forever and lets mm_cid ones commit on slot 0 unprotected. */
+            if (__builtin_expect(rseq_area_lost(rs), 0)) {
+                counter_thread_area_recheck();
+                break;
+            }
             int cpu = rseq_current_index(rs, c->mode);
             RSEQ_INJECT_C(7);
             /* cpu_id_start and mm_cid are below the possible-CPU count; the
@@ -63,14 +104,18 @@ static inline int counter_add(const struct counter_slots *c, int64_t n)
             if (__builtin_expect(ret == 0, 1))
                 return 0;
             if (ret > 0)
-                return 1;
+                return counter_spill(c, n);
             RSEQ_INJECT_ABORTED();
             RSEQ_INJECT_C(9);
         }
+        /* Lost, or RSEQ_PERCPU_MAX_ABORTS aborts in a row: this add takes
+         * the fallback lane (its own words: exact beside the sequences). */
     }
 #endif
     /* The fallback lane: an atomic add that refuses to overflow. */
-    return rseq_fallback_load_add_bov_store((intptr_t *)c->fallback, n);
+    if (rseq_fallback_load_add_bov_store((intptr_t *)c->fallback, n) == 0)
+        return 0;
+    return counter_spill(c, n);
 }
 
 static inline __int128 counter_sum(const struct counter_slots *c)

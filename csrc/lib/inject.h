@@ -3,7 +3,8 @@
  *
  * Release build (RSEQ_INJECT undefined): every point expands to nothing, no
  * global is declared, and an object built from percpu.h carries no trace of
- * injection (tests/test_primitives.py checks this with nm and objdump).
+ * injection (tests/stress/test_primitives.py checks this with nm and objdump,
+ * tests/integration/test_release_symbols.py on the installed rseq._core).
  *
  * Test build (compile with -DRSEQ_INJECT=1): each point becomes a delay loop
  * whose length is read, at run time, from a global array, so a harness can
@@ -30,7 +31,8 @@
  *         6  reserved for future architectures' own windows
  *       Points 7-9 are C points (RSEQ_INJECT_C), outside any sequence:
  *         7  between reading the index and entering the sequence
- *         8  list push/pop wrappers: after reading the list head in C
+ *         8  after the C read of a list head, log length or expected value
+ *            (the stress workload, csrc/testing/workload.c)
  *         9  after an aborted (-1) attempt, before the retry
  *   int rseq_inject_mode
  *       Bit mask of actions a C point takes every rseq_inject_every-th time a
@@ -43,7 +45,7 @@
  *   int rseq_inject_signal              signal for RSEQ_INJECT_MODE_SIGNAL
  *                                       (0 means SIGUSR1)
  *   unsigned long rseq_inject_aborts    number of -1 results seen by the
- *                                       retry wrappers of percpu.h (relaxed
+ *                                       retry loops of the workload (relaxed
  *                                       atomic increments; read it, reset it)
  *
  * The asm delay loop itself is architecture code: the arch header defines

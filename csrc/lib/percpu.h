@@ -41,13 +41,17 @@
  *                      and only when the registered area covers mm_cid (not
  *                      under glibc 2.36's 20-byte registration).
  *
- * The usual retry loop:
+ * The usual retry loop, bounded, and leaving when the registration is lost
+ * (see rseq_area_lost: a lost area makes cpu_id sequences abort forever):
  *
- *     int cpu, ret;
- *     do {
+ *     int cpu, ret = -1;
+ *     for (unsigned int n = 0; ret < 0 && n < RSEQ_PERCPU_MAX_ABORTS; n++) {
+ *         if (rseq_area_lost(rs))
+ *             break;
  *         cpu = rseq_current_index(rs, RSEQ_INDEX_CPU_ID);
  *         ret = rseq_load_add_store(rs, RSEQ_INDEX_CPU_ID, &slots[cpu].value, 1, cpu);
- *     } while (ret < 0);
+ *     }
+ *     if (ret < 0) ... take the fallback (its own words, see the mixing rule)
  *
  * Where rseq is unusable (rs == NULL, or RSEQ_ARCH_HAS_CS == 0) use the
  * rseq_percpu_* helpers below, which fall back to percpu_fallback.h
@@ -83,6 +87,26 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
     return (int)*(const volatile uint32_t *)&rs->cpu_id_start;
 }
 
+/* Whether the kernel has stopped maintaining the area for the calling
+ * thread: its registration was ended (rseq(2) RSEQ_FLAG_UNREGISTER by
+ * anyone in the thread, librseq's rseq_unregister_current_thread()).  The
+ * kernel then leaves cpu_id at -1 and cpu_id_start and mm_cid at 0: every
+ * cpu_id sequence aborts forever, and an mm_cid sequence would commit on
+ * index 0 with nothing to restart it.  Only the thread itself can end its
+ * registration, so checking before each sequence is enough; the one gap is
+ * a signal handler that unregisters between the check and the sequence
+ * (then one mm_cid sequence runs unprotected).  */
+static inline int rseq_area_lost(const struct rseq_abi *rs)
+{
+    return (int32_t)*(const volatile uint32_t *)&rs->cpu_id < 0;
+}
+
+/* The bound of every retry loop in this package: after this many aborts in
+ * a row on a live registration (a storm of signals or preemptions, or an
+ * area someone else scribbles on), the operation stops retrying and takes
+ * its fallback or reports failure. */
+#define RSEQ_PERCPU_MAX_ABORTS (1u << 20)
+
 #include "percpu_fallback.h"
 
 #if RSEQ_ARCH_HAS_CS
@@ -96,7 +120,8 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
 #include "arch/percpu_x86_64.h"
 #endif
 #undef RSEQ_PERCPU_DISPATCH
-#define RSEQ_PERCPU_USE_CS(rs) ((rs) != NULL)
+/* A lost registration takes the fallback too (see rseq_area_lost). */
+#define RSEQ_PERCPU_USE_CS(rs) ((rs) != NULL && !rseq_area_lost(rs))
 #else
 #define RSEQ_PERCPU_USE_CS(rs) 0
 #endif
@@ -107,14 +132,14 @@ static inline int rseq_current_index(const struct rseq_abi *rs, enum rseq_index_
  * fallback never returns -1.  The index comes from rseq_percpu_index().
  * ------------------------------------------------------------------------- */
 
-/* The index to derive addresses from: the rseq area's field when there is an
- * area, sched_getcpu() otherwise (0 if even that fails: the fallback is exact
- * on any slot). */
+/* The index to derive addresses from: the rseq area's field when there is a
+ * live area, sched_getcpu() otherwise (0 if even that fails: the fallback is
+ * exact on any slot). */
 static inline int rseq_percpu_index(const struct rseq_abi *rs, enum rseq_index_mode mode)
 {
     int cpu;
 
-    if (rs)
+    if (rs && !rseq_area_lost(rs))
         return rseq_current_index(rs, mode);
     cpu = sched_getcpu();
     return cpu < 0 ? 0 : cpu;
@@ -183,108 +208,6 @@ static inline int rseq_percpu_load_cbne_memcpy_store(struct rseq_abi *rs,
     return RSEQ_PERCPU_DISPATCH_OP(
         rseq_load_cbne_memcpy_store(rs, mode, v, expect, dst, src, len, newv, cpu),
         rseq_fallback_load_cbne_memcpy_store(v, expect, dst, src, len, newv, owner));
-}
-
-/* ---------------------------------------------------------------------------
- * Per-CPU lists (LIFO), built on the primitives
- *
- * One struct rseq_list per index, in an array of `count` lists that covers
- * every index the mode can produce (CPUs configured, see
- * sysconf(_SC_NPROCESSORS_CONF); mm_cid is below that too).  A list lives in
- * one mode for its life (see the mixing rule): every user passes rs, or every
- * user passes NULL.  Nodes must stay readable while any list may hold them
- * (type-stable memory: a pop may read a node's next pointer just as another
- * CPU takes it).
- *
- * Push:  load head; store node->next = head; store head = node (commit)
- *        = rseq_load_cbne_store_store with the head read just before.
- * Pop:   load head; if (head == NULL) fail; load next = head->next;
- *        store head = next (commit) = rseq_load_cbeq_store_load_store.
- *        ABA-safe with rseq because the whole pop is one sequence on its own
- *        CPU's list: no other pop or push on that list can run in between
- *        without aborting it.  The fallback serialises pops on
- *        fallback_pop_owner (robust to a killed holder, see
- *        percpu_fallback.h), which lives in the list so it works across
- *        processes sharing the lists.
- * ------------------------------------------------------------------------- */
-
-struct rseq_list_node {
-    struct rseq_list_node *next;
-};
-
-struct rseq_list {
-    struct rseq_list_node *head;
-    intptr_t fallback_pop_owner; /* fallback only: pid of the popping process or 0 */
-} __attribute__((aligned(64)));  /* one cache line each: no false sharing */
-
-/* Push node on the list of the index this thread runs on.  Returns that
- * index, or -1 if it is not below count (node untouched). */
-static inline int rseq_list_push(struct rseq_abi *rs, enum rseq_index_mode mode,
-                                 struct rseq_list *lists, size_t count,
-                                 struct rseq_list_node *node)
-{
-    for (;;) {
-        int cpu = rseq_percpu_index(rs, mode);
-        intptr_t *head;
-        intptr_t expect;
-        int ret;
-
-        if (cpu < 0 || (size_t)cpu >= count)
-            return -1;
-        head = (intptr_t *)&lists[cpu].head;
-        RSEQ_INJECT_C(7);
-        expect = __atomic_load_n(head, __ATOMIC_RELAXED);
-        RSEQ_INJECT_C(8);
-        if (RSEQ_PERCPU_USE_CS(rs)) {
-            ret = rseq_percpu_load_cbne_store_store(rs, mode, head, expect,
-                                                    (intptr_t *)&node->next, expect,
-                                                    (intptr_t)node, NULL, cpu);
-        } else {
-            /* node is private until the commit: no owner word needed. */
-            __atomic_store_n(&node->next, (struct rseq_list_node *)expect, __ATOMIC_RELAXED);
-            ret = rseq_fallback_load_cbne_store(head, expect, (intptr_t)node);
-        }
-        if (ret == 0)
-            return cpu;
-        if (ret < 0) {
-            RSEQ_INJECT_ABORTED();
-            RSEQ_INJECT_C(9);
-        }
-    }
-}
-
-/* Pop the top node of the list of the index this thread runs on.  Returns it,
- * or NULL if that list is empty.  *index_out (if not NULL) receives the index
- * used, or -1 if it was not below count (then NULL is returned). */
-static inline struct rseq_list_node *rseq_list_pop(struct rseq_abi *rs,
-                                                   enum rseq_index_mode mode,
-                                                   struct rseq_list *lists, size_t count,
-                                                   int *index_out)
-{
-    for (;;) {
-        int cpu = rseq_percpu_index(rs, mode);
-        intptr_t loaded = 0;
-        int ret;
-
-        if (index_out)
-            *index_out = cpu;
-        if (cpu < 0 || (size_t)cpu >= count) {
-            if (index_out)
-                *index_out = -1;
-            return NULL;
-        }
-        RSEQ_INJECT_C(7);
-        ret = rseq_percpu_load_cbeq_store_load_store(
-            rs, mode, (intptr_t *)&lists[cpu].head, (intptr_t)NULL,
-            offsetof(struct rseq_list_node, next), &loaded,
-            &lists[cpu].fallback_pop_owner, cpu);
-        if (ret == 0)
-            return (struct rseq_list_node *)loaded;
-        if (ret > 0)
-            return NULL;
-        RSEQ_INJECT_ABORTED();
-        RSEQ_INJECT_C(9);
-    }
 }
 
 #endif /* RSEQ_PY_PERCPU_H */

@@ -126,9 +126,9 @@
 #define RSEQ_POOL_STACK_HEAD 64     /* the word has its own cache line */
 #define RSEQ_POOL_BLOCK_ALIGN 64
 /* Sequences that abort in a row before an operation gives up on its stack
- * and uses the overflow (a registration lost behind our back makes every
- * sequence abort: never spin on that). */
-#define RSEQ_POOL_MAX_ABORTS 10000
+ * and uses the overflow: percpu.h's bound of every retry loop.  (A lost
+ * registration never gets that far: RSEQ_PERCPU_USE_CS refuses it.) */
+#define RSEQ_POOL_MAX_ABORTS RSEQ_PERCPU_MAX_ABORTS
 
 /* Results of the operations (negative: nothing was done). */
 #define RSEQ_POOL_EMPTY (-1)        /* alloc: no free block anywhere */
@@ -409,7 +409,7 @@ static inline int rseq_pool_put_back(struct rseq_pool *p, struct rseq_abi *rs, u
                                      uint64_t i)
 {
     __atomic_store_n(&p->owners[i], me | RSEQ_POOL_ON_STACK, __ATOMIC_RELAXED);
-    for (int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
+    for (unsigned int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
         int cpu = rseq_pool_cpu(p, rs);
         if (cpu < 0)
             break;
@@ -453,7 +453,7 @@ static inline int64_t rseq_pool_steal(struct rseq_pool *p, struct rseq_abi *rs, 
         uint64_t want = (n + 1) / 2;
         if (want > RSEQ_POOL_MAX_BATCH)
             want = RSEQ_POOL_MAX_BATCH;
-        for (int tries = 0; ngot < want && tries < RSEQ_POOL_MAX_ABORTS; tries++) {
+        for (unsigned int tries = 0; ngot < want && tries < RSEQ_POOL_MAX_ABORTS; tries++) {
             if (rseq_current_index(rs, RSEQ_INDEX_CPU_ID) != (int)c)
                 continue; /* the move is not visible yet: the next sequence aborts */
             uint64_t i;
@@ -503,7 +503,7 @@ static inline int64_t rseq_pool_refill(struct rseq_pool *p, struct rseq_abi *rs,
  * exhausted); E_DAMAGED. */
 static inline int64_t rseq_pool_alloc(struct rseq_pool *p, struct rseq_abi *rs, uint64_t me)
 {
-    for (int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
+    for (unsigned int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
         int cpu = rseq_pool_cpu(p, rs);
         if (cpu < 0)
             break;
@@ -539,7 +539,7 @@ static inline int rseq_pool_free(struct rseq_pool *p, struct rseq_abi *rs, uint6
     /* Mark first (a plain store: nobody else writes the word of a block we
      * own), then push; killed in between, the block is still ours. */
     __atomic_store_n(&p->owners[i], me | RSEQ_POOL_ON_STACK, __ATOMIC_RELAXED);
-    for (int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
+    for (unsigned int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
         int cpu = rseq_pool_cpu(p, rs);
         if (cpu < 0)
             break;

@@ -18,12 +18,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef SYS_rseq
-#if defined(__x86_64__)
-#define SYS_rseq 334
-#endif
-#endif
-
 __thread struct rseq_abi *rseq_tls_area __attribute__((tls_model("initial-exec")));
 static __thread struct rseq_thread *rseq_tls_thread __attribute__((tls_model("initial-exec")));
 
@@ -31,14 +25,27 @@ static struct rseq_process process;
 static pthread_once_t process_once = PTHREAD_ONCE_INIT;
 static pthread_key_t thread_key;
 
+/* librseq, when it is in the process.  It exports rseq_offset, rseq_size and
+ * its register/unregister functions; when glibc does not own registration,
+ * librseq owns it lazily: rseq_size stays 0 until a thread registers through
+ * it, and rseq_register_current_thread() abort()s when a registration fails
+ * after another thread's succeeded.  So rseq registers threads through
+ * librseq's function (never with an area of its own, which would make a
+ * later librseq registration of the thread fail), reads rseq_size each time
+ * (it changes), and never unregisters what librseq registered. */
+static const ptrdiff_t *librseq_offset;
+static const unsigned int *librseq_size;
+static int (*librseq_register)(void);
+
 /* ------------------------------------------------------------------------
  * The system call
  * ------------------------------------------------------------------------ */
 
-int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature)
+/* rseq(2) itself: 0 or -errno. */
+static int sys_rseq(void *area, uint32_t length, int flags, uint32_t signature)
 {
-#ifdef SYS_rseq
-    long ret = syscall(SYS_rseq, area, length, flags, signature);
+#ifdef RSEQ_SYS_RSEQ
+    long ret = syscall(RSEQ_SYS_RSEQ, area, length, flags, signature);
     return ret == 0 ? 0 : -errno;
 #else
     (void)area; (void)length; (void)flags; (void)signature;
@@ -54,7 +61,7 @@ static int rseq_syscall_signals_blocked(void *area, uint32_t length, int flags)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_BLOCK, &all, &old);
-    int ret = rseq_syscall(area, length, flags, RSEQ_SIG);
+    int ret = sys_rseq(area, length, flags, RSEQ_SIG);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     return ret;
 }
@@ -65,6 +72,23 @@ static int rseq_syscall_signals_blocked(void *area, uint32_t length, int flags)
 
 static void thread_destructor(void *arg);
 
+/* Look librseq's symbols up: 1 when its registration function, offset and
+ * size are all there.  librseq cannot be dlopen'ed (1 KiB of initial-exec
+ * TLS), but this runs again when a thread registers, not only at import,
+ * so that whatever the loader did meanwhile is seen. */
+static int librseq_lookup(void)
+{
+    const ptrdiff_t *offset = dlsym(RTLD_DEFAULT, "rseq_offset");
+    const unsigned int *size = dlsym(RTLD_DEFAULT, "rseq_size");
+    void *reg = dlsym(RTLD_DEFAULT, "rseq_register_current_thread");
+    if (!offset || !size || !reg)
+        return 0;
+    __atomic_store_n(&librseq_offset, offset, __ATOMIC_RELAXED);
+    __atomic_store_n(&librseq_size, size, __ATOMIC_RELAXED);
+    __atomic_store_n(&librseq_register, (int (*)(void))reg, __ATOMIC_RELEASE);
+    return 1;
+}
+
 static void process_discover(void)
 {
     process.feature_size = getauxval(RSEQ_AT_FEATURE_SIZE);
@@ -73,7 +97,7 @@ static void process_discover(void)
 
     /* rseq(NULL, 0, 0, 0): EINVAL when the kernel has rseq, ENOSYS when it
      * does not (or a seccomp filter says so), EPERM under a denying filter. */
-    int probe = rseq_syscall(NULL, 0, 0, 0);
+    int probe = sys_rseq(NULL, 0, 0, 0);
     process.kernel = probe == -ENOSYS ? 0 : probe == -EPERM ? -1 : 1;
     process.probe_errno = -probe;
 
@@ -90,6 +114,13 @@ static void process_discover(void)
         process.owner_offset = *g_offset;
         process.owner_size = *g_size;
         process.owner_flags = g_flags ? *g_flags : 0;
+    } else if (librseq_lookup()) {
+        /* librseq owns registration, even while its rseq_size is still 0
+         * (no thread registered through it yet). */
+        process.owner = RSEQ_OWNER_LIBRSEQ;
+        process.owner_offset = *l_offset;
+        process.owner_size = *l_size;
+        process.owner_flags = l_flags ? *l_flags : 0;
     } else if (l_offset && l_size && *l_size) {
         process.owner = RSEQ_OWNER_LIBRSEQ;
         process.owner_offset = *l_offset;
@@ -170,21 +201,85 @@ static void use_area(struct rseq_thread *t, struct rseq_abi *area,
     rseq_tls_area = area;
 }
 
-/* Adopt the area of glibc or librseq for this thread, if it registered. */
-static void adopt_owner_area(struct rseq_thread *t)
+static enum rseq_fallback fallback_for_errno(int err);
+
+/* An address no thread can register: 32-byte aligned, above user space. */
+#define RSEQ_PROBE_ADDRESS ((void *)(uintptr_t)-(intptr_t)RSEQ_ORIG_ALIGN)
+
+/* Register the calling thread through librseq's own function: 0 or an
+ * errno.  Only when the thread has no registration at all: librseq's call
+ * fails for a registered thread (EBUSY for its own area, EINVAL for
+ * another), and a failure after any success makes librseq abort() the
+ * process.  The probe registers an address the kernel cannot accept: it
+ * compares with the registration in force first (EINVAL when there is one)
+ * and checks the address after (EFAULT when there is none); any other
+ * answer (EPERM, ENOSYS: rseq denied) means librseq's call would fail too.
+ * Signals stay blocked from the probe to the registration, so a handler
+ * cannot register the thread in between. */
+static int librseq_register_thread(void)
 {
+    int (*reg)(void) = __atomic_load_n(&librseq_register, __ATOMIC_ACQUIRE);
+    sigset_t all, old;
+    int err;
+
+    if (!reg)
+        return ENOSYS;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int probe = sys_rseq(RSEQ_PROBE_ADDRESS, RSEQ_ORIG_SIZE, 0, RSEQ_SIG);
+    if (probe == -EFAULT) {
+        errno = 0;
+        err = reg() == 0 ? 0 : (errno ? errno : EINVAL);
+    } else {
+        err = probe == -EINVAL ? EBUSY : -probe;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return err;
+}
+
+/* Adopt the area of glibc or librseq for this thread if the kernel
+ * maintains it; with may_register, a librseq-owned thread that nobody
+ * registered is registered through librseq first. */
+static void adopt_owner_area(struct rseq_thread *t, int may_register)
+{
+    ptrdiff_t offset = process.owner_offset;
+    uint32_t reported = process.owner_size;
+    const unsigned int *lsize = __atomic_load_n(&librseq_size, __ATOMIC_RELAXED);
+    int via_librseq = process.owner == RSEQ_OWNER_LIBRSEQ && lsize;
+
+    if (via_librseq)
+        offset = *__atomic_load_n(&librseq_offset, __ATOMIC_RELAXED);
     struct rseq_abi *area = (struct rseq_abi *)
-        ((char *)rseq_arch_thread_pointer() + process.owner_offset);
+        ((char *)rseq_arch_thread_pointer() + offset);
     int32_t cpu = (int32_t)__atomic_load_n(&area->cpu_id, __ATOMIC_RELAXED);
+    if (cpu < 0 && via_librseq && may_register) {
+        int err = librseq_register_thread();
+        if (err) {
+            set_fallback(t, err == EBUSY ? RSEQ_FALLBACK_FOREIGN : fallback_for_errno(err),
+                         err);
+            return;
+        }
+        cpu = (int32_t)__atomic_load_n(&area->cpu_id, __ATOMIC_RELAXED);
+    }
     if (cpu < 0) {
-        /* -1: never registered (librseq registers lazily, per thread);
-         * -2: the owner's registration failed.  Either way the area is not
-         * maintained by the kernel for this thread. */
-        set_fallback(t, RSEQ_FALLBACK_OWNER_FAILED, 0);
+        /* -1: never registered (librseq registers lazily, per thread), or
+         * unregistered since; -2: the owner's registration failed.  Either
+         * way the kernel does not maintain the area for this thread. */
+        if (t->fallback != RSEQ_FALLBACK_LOST && t->fallback != RSEQ_FALLBACK_FOREIGN)
+            set_fallback(t, RSEQ_FALLBACK_OWNER_FAILED, 0);
         return;
     }
-    uint32_t reported = process.owner_size;
-    uint32_t registered = reported == RSEQ_ORIG_FEATURE_SIZE ? RSEQ_ORIG_SIZE : reported;
+    uint32_t registered;
+    if (via_librseq) {
+        /* rseq_size is the kernel feature size once a thread registered
+         * (0 for an instant before); librseq registers max(32, size). */
+        reported = __atomic_load_n(lsize, __ATOMIC_RELAXED);
+        if (reported == 0 || reported == UINT32_MAX)
+            reported = kernel_feature_size();
+        registered = reported > RSEQ_ORIG_SIZE ? reported : RSEQ_ORIG_SIZE;
+    } else {
+        registered = reported == RSEQ_ORIG_FEATURE_SIZE ? RSEQ_ORIG_SIZE : reported;
+    }
     use_area(t, area, registered,
              min_u32(owner_active_size(reported), kernel_feature_size()));
 }
@@ -226,15 +321,25 @@ static int register_own_area(struct rseq_thread *t)
     return 0;
 }
 
-static void ensure_registration(struct rseq_thread *t)
+/* lazy: a read asks (the registration then holds its own reference, see
+ * struct rseq_thread.lazy), not register(). */
+static void ensure_registration(struct rseq_thread *t, int lazy)
 {
     if (t->area)
         return;
+    if (process.owner == RSEQ_OWNER_SELF && t->fallback == RSEQ_FALLBACK_NONE
+        && librseq_lookup()) {
+        /* librseq arrived after discovery: it owns registration from now. */
+        process.owner = RSEQ_OWNER_LIBRSEQ;
+    }
     switch (process.owner) {
     case RSEQ_OWNER_GLIBC:
     case RSEQ_OWNER_LIBRSEQ:
         t->owner = process.owner;
-        adopt_owner_area(t);
+        /* Through librseq only the first time, or when register() asks: a
+         * thread whose librseq registration was ended on purpose is not
+         * registered again behind the application's back. */
+        adopt_owner_area(t, !lazy || t->fallback == RSEQ_FALLBACK_NONE);
         return;
     default:
         break;
@@ -252,6 +357,7 @@ static void ensure_registration(struct rseq_thread *t)
         return;
     }
     t->owner = RSEQ_OWNER_SELF;
+    t->lazy = lazy;
 }
 
 static struct rseq_thread *thread_state_create(void)
@@ -272,7 +378,8 @@ struct rseq_thread *rseq_thread_peek(void)
     return rseq_tls_thread;
 }
 
-struct rseq_thread *rseq_thread_get(void)
+/* The calling thread's state, created if needed, without registering. */
+static struct rseq_thread *thread_state(void)
 {
     rseq_process_get();
     struct rseq_thread *t = rseq_tls_thread;
@@ -283,12 +390,45 @@ struct rseq_thread *rseq_thread_get(void)
             return NULL;
         }
     }
-    /* OWNER_FAILED is looked at again: an owner that registers lazily
-     * (librseq) may have registered this thread since. */
-    if (!t->area && (t->fallback == RSEQ_FALLBACK_NONE
-                     || t->fallback == RSEQ_FALLBACK_OWNER_FAILED))
-        ensure_registration(t);
     return t;
+}
+
+struct rseq_thread *rseq_thread_get(void)
+{
+    struct rseq_thread *t = thread_state();
+    if (!t)
+        return NULL;
+    /* OWNER_FAILED and LOST under glibc/librseq are looked at again: librseq
+     * may have registered this thread (again) since. */
+    if (!t->area && (t->fallback == RSEQ_FALLBACK_NONE
+                     || t->fallback == RSEQ_FALLBACK_OWNER_FAILED
+                     || (t->fallback == RSEQ_FALLBACK_LOST
+                         && process.owner != RSEQ_OWNER_SELF)))
+        ensure_registration(t, 1);
+    return t;
+}
+
+/* The kernel no longer maintains the thread's area (cpu_id < 0): someone
+ * ended the registration without us.  Only the thread itself can do that,
+ * so the check is exact for the calling thread. */
+static void mark_lost(struct rseq_thread *t)
+{
+    if (t->owner == RSEQ_OWNER_SELF) {
+        /* Nothing left to release: the kernel let go of our area. */
+        t->own_registered = 0;
+        t->lazy = 0;
+    }
+    set_fallback(t, RSEQ_FALLBACK_LOST, 0);
+}
+
+struct rseq_abi *rseq_thread_area_checked(void)
+{
+    struct rseq_thread *t = rseq_thread_get();
+    if (!t)
+        return NULL;
+    if (t->area && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) < 0)
+        mark_lost(t);
+    return t->area;
 }
 
 /* Release our kernel registration: the area stays allocated for reuse. */
@@ -324,19 +464,24 @@ static void thread_destructor(void *arg)
 
 int rseq_thread_register(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
+    struct rseq_thread *t = thread_state();
     if (!t)
         return -ENOMEM;
     if (t->refcount == UINT32_MAX)
         return -EOVERFLOW;
+    if (t->area && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) < 0)
+        mark_lost(t);
     if (!t->area) {
-        if (process.owner == RSEQ_OWNER_SELF) {
-            /* An explicit request retries a registration that failed. */
+        /* An explicit request retries a registration that failed or was
+         * lost (through librseq when librseq owns registration). */
+        if (process.owner == RSEQ_OWNER_SELF)
             t->fallback = RSEQ_FALLBACK_NONE;
-            ensure_registration(t);
+        ensure_registration(t, 0);
+        if (!t->area) {
+            if (t->fallback_errno)
+                return -t->fallback_errno;
+            return t->fallback == RSEQ_FALLBACK_LOST ? -EINVAL : -ENOSYS;
         }
-        if (!t->area)
-            return t->fallback_errno ? -t->fallback_errno : -ENOSYS;
     }
     t->refcount++;
     return 0;
@@ -348,6 +493,9 @@ int rseq_thread_unregister(int *not_owned)
     *not_owned = 0;
     if (!t)
         return -ENOMEM;
+    /* A registration ended behind our back has nothing left to release. */
+    if (t->area && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) < 0)
+        mark_lost(t);
     if (t->owner != RSEQ_OWNER_SELF) {
         /* glibc, librseq or a foreign registrant owns it: never touch it.
          * Dropping a reference we hold is normal; a call with none held is
@@ -360,17 +508,12 @@ int rseq_thread_unregister(int *not_owned)
     }
     if (t->refcount == 0)
         return -EINVAL;
-    if (--t->refcount || !t->own_registered)
+    /* A lazy registration holds a reference of its own: balanced
+     * register()/unregister() pairs never end it. */
+    if (--t->refcount || t->lazy || !t->own_registered)
         return 0;
     int ret = release_own_area(t);
     return ret == 0 ? 1 : ret;
-}
-
-void rseq_thread_set_refcount(uint32_t count)
-{
-    struct rseq_thread *t = rseq_thread_get();
-    if (t)
-        t->refcount = count;
 }
 
 /* ------------------------------------------------------------------------
@@ -379,9 +522,13 @@ void rseq_thread_set_refcount(uint32_t count)
 
 int rseq_fallback_cpu(void)
 {
-    /* Not registered yet: register lazily, then read the area. */
     struct rseq_thread *t = rseq_tls_thread;
-    if (!t || (!t->area && t->fallback == RSEQ_FALLBACK_NONE)) {
+    if (t && t->area) {
+        /* The fast path found a registered area with cpu_id < 0. */
+        if ((int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) < 0)
+            mark_lost(t);
+    } else if (!t || t->fallback == RSEQ_FALLBACK_NONE) {
+        /* Not registered yet: register lazily, then read the area. */
         t = rseq_thread_get();
         if (t && t->area) {
             int cpu = (int)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED);
@@ -438,6 +585,20 @@ const char *rseq_fallback_reason(const struct rseq_thread *t)
             : "librseq has not registered this thread";
     case RSEQ_FALLBACK_NO_MEMORY: return "out of memory for the thread's area";
     case RSEQ_FALLBACK_UNREGISTERED: return "unregistered by rseq.unregister()";
+    case RSEQ_FALLBACK_LOST:
+        switch (t->owner) {
+        case RSEQ_OWNER_GLIBC:
+            return "glibc's registration of this thread was ended behind rseq's back "
+                   "(cpu_id is -1: rseq(2) RSEQ_FLAG_UNREGISTER on glibc's area)";
+        case RSEQ_OWNER_LIBRSEQ:
+            return "librseq's registration of this thread was ended "
+                   "(cpu_id is -1: rseq_unregister_current_thread() or rseq(2) "
+                   "RSEQ_FLAG_UNREGISTER)";
+        default:
+            return "rseq's registration of this thread was ended behind its back "
+                   "(cpu_id is -1: rseq(2) RSEQ_FLAG_UNREGISTER on rseq's area); "
+                   "rseq.register() registers it again";
+        }
     case RSEQ_FALLBACK_ERROR:
     default: return "rseq registration failed";
     }

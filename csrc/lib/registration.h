@@ -39,6 +39,7 @@ enum rseq_fallback {
     RSEQ_FALLBACK_NO_MEMORY,
     RSEQ_FALLBACK_ERROR,            /* any other errno, kept in fallback_errno */
     RSEQ_FALLBACK_UNREGISTERED,     /* unregister() released it; not re-registered */
+    RSEQ_FALLBACK_LOST,             /* the registration ended behind our back */
 };
 
 /* Facts about the process, discovered once. */
@@ -69,6 +70,8 @@ struct rseq_thread {
     int fallback_errno;
     int own_registered;         /* our area is registered with the kernel now */
     void *own_area;             /* our allocation, kept while the thread lives */
+    int lazy;                   /* a read registered our area: its own reference,
+                                 * which only thread exit drops */
 };
 
 /* The fast-path pointer: the current thread's usable area or NULL. */
@@ -84,6 +87,13 @@ struct rseq_thread *rseq_thread_get(void);
 /* The calling thread's state without registering (NULL if none yet). */
 struct rseq_thread *rseq_thread_peek(void);
 
+/* The calling thread's usable area, or NULL on the fallback, after checking
+ * that the kernel still maintains it: when cpu_id is no longer a CPU number
+ * (someone called rseq(2) RSEQ_FLAG_UNREGISTER on it, or librseq's
+ * rseq_unregister_current_thread()), the thread moves to the fallback
+ * (RSEQ_FALLBACK_LOST) and NULL is returned.  Registers lazily. */
+struct rseq_abi *rseq_thread_area_checked(void);
+
 /* Explicit, reference-counted registration of the calling thread.
  * rseq_thread_register: 0, or -errno (-EOVERFLOW when the count is full;
  *   the errno of the failed registration otherwise).
@@ -94,20 +104,16 @@ struct rseq_thread *rseq_thread_peek(void);
 int rseq_thread_register(void);
 int rseq_thread_unregister(int *not_owned);
 
-/* Tests only: make the reference count reach its limit quickly. */
-void rseq_thread_set_refcount(uint32_t count);
-
 /* The slow path of the reads: fallback to the vDSO / system call. */
 int rseq_fallback_cpu(void);
 int rseq_fallback_node(void);
 
-/* rseq(2) itself: 0 or -errno. */
-int rseq_syscall(void *area, uint32_t length, int flags, uint32_t signature);
-
 const char *rseq_owner_name(enum rseq_owner owner);
 const char *rseq_fallback_reason(const struct rseq_thread *thread);
 
-/* The current thread's CPU: rseq area, then sched_getcpu, then getcpu(2). */
+/* The current thread's CPU: rseq area, then sched_getcpu, then getcpu(2).
+ * A negative cpu_id in a registered area means the registration was lost:
+ * rseq_fallback_cpu() records that and answers from sched_getcpu(). */
 static inline int rseq_current_cpu(void)
 {
     struct rseq_abi *area = rseq_tls_area;

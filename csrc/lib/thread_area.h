@@ -27,6 +27,13 @@ static inline uint32_t counter_thread_area_size(void)
 {
     return rseq_client_api->thread_area_size();
 }
+
+/* The area was found with cpu_id < 0 (registration lost): thread_area()
+ * records that and moves the thread to the fallback. */
+static inline void counter_thread_area_recheck(void)
+{
+    (void)rseq_client_api->thread_area();
+}
 #else
 #include "registration.h"
 
@@ -35,8 +42,12 @@ static inline struct rseq_abi *counter_thread_area(void)
     struct rseq_abi *rs = rseq_tls_area;
     if (__builtin_expect(rs != NULL, 1))
         return rs;
-    struct rseq_thread *t = rseq_thread_get(); /* registers lazily */
-    return t ? t->area : NULL;
+    return rseq_thread_area_checked(); /* registers lazily */
+}
+
+static inline void counter_thread_area_recheck(void)
+{
+    (void)rseq_thread_area_checked();
 }
 
 static inline uint32_t counter_thread_area_size(void)

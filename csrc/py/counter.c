@@ -177,8 +177,8 @@ PyObject *rseq_counter_add(CounterObject *self, PyObject *const *args,
     }
     if (__builtin_expect(counter_add(&self->slots, n) != 0, 0)) {
         PyErr_Format(PyExc_OverflowError,
-                     "add(%lld): a per-CPU slot of this counter would pass the signed "
-                     "64-bit range; nothing was added", n);
+                     "add(%lld): the counter's value would pass the signed 64-bit "
+                     "range; nothing was added", n);
         return NULL;
     }
     Py_RETURN_NONE;
@@ -301,7 +301,8 @@ PyMethodDef rseq_counter_methods[] = {
     {"add", (PyCFunction)(void (*)(void))rseq_counter_add, METH_FASTCALL | METH_KEYWORDS,
      "add($self, /, n=1)\n--\n\n"
      "Add n (a signed 64-bit integer, default 1) on the calling thread's CPU.\n"
-     "OverflowError if n is out of range or the slot would pass it."},
+     "OverflowError if n is out of range, or if the slot cannot take it and\n"
+     "the counter's value would pass the signed 64-bit range."},
     {"value", (PyCFunction)rseq_counter_value, METH_NOARGS,
      "value($self, /)\n--\n\n"
      "The exact sum, as a Python int: every add() that returned before this\n"
@@ -317,7 +318,9 @@ PyMethodDef rseq_counter_methods[] = {
      "fallback lane."},
     {"removed", (PyCFunction)rseq_counter_removed, METH_NOARGS,
      "removed($self, /)\n--\n\n"
-     "The total that reset() calls have removed so far."},
+     "The baseline: the total that reset() calls have removed so far, less\n"
+     "the adds that their CPU's slot could not hold (a slot near the int64\n"
+     "limit after a reset()): those are placed here instead."},
     {"reset", (PyCFunction)rseq_counter_reset, METH_NOARGS,
      "reset($self, /)\n--\n\n"
      "Set the value to zero and return what was removed.  Lock-free: an add()\n"

@@ -54,10 +54,10 @@ PyDoc_STRVAR(node_doc,
 static PyObject *py_node(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_NODE_ID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->node_id, __ATOMIC_RELAXED));
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_NODE_ID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->node_id, __ATOMIC_RELAXED));
     int node = rseq_fallback_node();
     if (node < 0)
         return PyErr_SetFromErrno(PyExc_OSError);
@@ -75,12 +75,13 @@ PyDoc_STRVAR(mm_cid_doc,
 
 static PyObject *py_mm_cid(PyObject *module, PyObject *Py_UNUSED(unused))
 {
-    struct rseq_thread *t = rseq_thread_get();
-    if (t && t->area && t->usable_size >= RSEQ_END_MM_CID
-        && (int32_t)__atomic_load_n(&t->area->cpu_id, __ATOMIC_RELAXED) >= 0)
-        return PyLong_FromLong((long)__atomic_load_n(&t->area->mm_cid, __ATOMIC_RELAXED));
+    /* Checked: after the registration ends, mm_cid reads 0 forever. */
+    struct rseq_abi *area = rseq_thread_area_checked();
+    struct rseq_thread *t = rseq_thread_peek();
+    if (area && t->usable_size >= RSEQ_END_MM_CID)
+        return PyLong_FromLong((long)__atomic_load_n(&area->mm_cid, __ATOMIC_RELAXED));
     rseq_module_state *st = get_state(module);
-    if (!t || !t->area)
+    if (!t || !area)
         PyErr_Format(st->Unsupported,
                      "mm_cid is not available: this thread has no rseq area (%s)",
                      t ? rseq_fallback_reason(t) : "out of memory");
@@ -115,9 +116,10 @@ PyDoc_STRVAR(register_doc,
 "Take a reference on the calling thread's rseq registration, registering an\n"
 "area now if nobody has.  Returns the thread's reference count.  The\n"
 "registration lives until every register() has been matched by an\n"
-"unregister() (or the thread exits).  Raises rseq.RegistrationError when the\n"
-"thread cannot be registered (errno says why) and OverflowError when the\n"
-"count would pass 2**32 - 1.");
+"unregister() (or the thread exits); one that a read made lazily holds a\n"
+"reference of its own and lives until the thread exits.  Raises\n"
+"rseq.RegistrationError when the thread cannot be registered (errno says\n"
+"why) and OverflowError when the count would pass 2**32 - 1.");
 
 static PyObject *py_register(PyObject *module, PyObject *Py_UNUSED(unused))
 {
@@ -163,11 +165,16 @@ static PyObject *py_unregister(PyObject *module, PyObject *Py_UNUSED(unused))
         return raise_registration_error(st, -ret, "rseq(2) RSEQ_FLAG_UNREGISTER failed");
     if (not_owned) {
         struct rseq_thread *t = rseq_thread_peek();
-        const char *owner = t ? rseq_owner_name(t->owner) : NULL;
-        if (PyErr_WarnFormat(st->NotOwnedWarning, 1,
-                "this thread's rseq registration is %s%s; rseq.unregister() "
-                "left it in place", owner ? "owned by " : "not registered",
-                owner ? owner : "") < 0)
+        const char *owner = t && t->area ? rseq_owner_name(t->owner) : NULL;
+        int warned = owner
+            ? PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread's rseq registration is owned by %s; rseq.unregister() "
+                  "left it in place", owner)
+            : PyErr_WarnFormat(st->NotOwnedWarning, 1,
+                  "this thread has no rseq registration (%s); rseq.unregister() "
+                  "had nothing to release",
+                  t && rseq_fallback_reason(t) ? rseq_fallback_reason(t) : "none yet");
+        if (warned < 0)
             return NULL;
     }
     return PyBool_FromLong(ret == 1);
@@ -184,54 +191,16 @@ static PyObject *py_registration_count(PyObject *module, PyObject *Py_UNUSED(unu
     return PyLong_FromUnsignedLong(t ? t->refcount : 0);
 }
 
-static PyObject *py_set_refcount(PyObject *module, PyObject *arg)
-{
-    (void)module;
-    unsigned long count = PyLong_AsUnsignedLong(arg);
-    if (count == (unsigned long)-1 && PyErr_Occurred())
-        return NULL;
-    if (count > UINT32_MAX) {
-        PyErr_SetString(PyExc_OverflowError, "count must fit in 32 bits");
-        return NULL;
-    }
-    rseq_thread_set_refcount((uint32_t)count);
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(rseq_syscall_doc,
-"rseq_syscall($module, address, length, flags, signature, /)\n--\n\n"
-"The raw rseq(2) system call: returns 0 or -errno, never raises for the\n"
-"call's own failure.  For conformance tests: registering or unregistering\n"
-"memory this way bypasses every safety of the package.");
-
-static PyObject *py_rseq_syscall(PyObject *module, PyObject *args)
-{
-    (void)module;
-    unsigned long long address;
-    unsigned int length, signature;
-    int flags;
-    if (!PyArg_ParseTuple(args, "KIiI:rseq_syscall", &address, &length, &flags, &signature))
-        return NULL;
-    int ret;
-    Py_BEGIN_ALLOW_THREADS
-    ret = rseq_syscall((void *)(uintptr_t)address, length, flags, signature);
-    Py_END_ALLOW_THREADS
-    return PyLong_FromLong(ret);
-}
-
 /* ------------------------------------------------------------------------
  * Feature discovery
  * ------------------------------------------------------------------------ */
 
+/* struct rseq's fields with their end offsets, from the list in rseq/abi.h. */
+#define FIELD_END(name, offset, size) {#name, (offset) + (size)},
 static const struct { const char *name; int end; } field_table[] = {
-    {"cpu_id_start", RSEQ_END_CPU_ID_START},
-    {"cpu_id", RSEQ_END_CPU_ID},
-    {"rseq_cs", RSEQ_END_RSEQ_CS},
-    {"flags", RSEQ_END_FLAGS},
-    {"node_id", RSEQ_END_NODE_ID},
-    {"mm_cid", RSEQ_END_MM_CID},
-    {"slice_ctrl", RSEQ_END_SLICE_CTRL},
+    RSEQ_ABI_FIELDS(FIELD_END)
 };
+#undef FIELD_END
 
 static int dict_set(PyObject *d, const char *key, PyObject *value)
 {
@@ -257,7 +226,8 @@ static PyObject *py_info_dict(PyObject *module, PyObject *Py_UNUSED(unused))
 {
     (void)module;
     const struct rseq_process *p = rseq_process_get();
-    struct rseq_thread *t = rseq_thread_get();
+    (void)rseq_thread_area_checked(); /* a lost registration shows in fallback */
+    struct rseq_thread *t = rseq_thread_peek();
     if (!t)
         return PyErr_NoMemory();
     PyObject *d = PyDict_New();
@@ -329,14 +299,12 @@ fail:
 
 static struct rseq_abi *capi_thread_area(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t ? t->area : NULL;
+    return rseq_thread_area_checked();
 }
 
 static uint32_t capi_thread_area_size(void)
 {
-    struct rseq_thread *t = rseq_thread_get();
-    return t && t->area ? t->usable_size : 0;
+    return rseq_thread_area_checked() ? rseq_thread_peek()->usable_size : 0;
 }
 
 static int capi_register(void) { return rseq_thread_register(); }
@@ -357,61 +325,53 @@ static int capi_current_index(struct rseq_abi *rs, int mode)
     return rseq_percpu_index(rs, (enum rseq_index_mode)mode);
 }
 
-#if RSEQ_ARCH_HAS_CS
-#define CAPI_SEQUENCE(call) do { if (rs) return call; } while (0)
-#else
-#define CAPI_SEQUENCE(call) do { } while (0)
-#endif
+/* Each entry point is the rseq_percpu_* dispatch of percpu.h: the sequence
+ * when the thread has an area, else the fallback with a process-local owner
+ * (NULL).  The int mode of the C API is the enum of percpu.h. */
+#define CAPI_MODE ((enum rseq_index_mode)mode)
 
 static int capi_load_cbne_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t expect,
                                 intptr_t newv, int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_cbne_store(rs, (enum rseq_index_mode)mode, v, expect, newv, cpu));
-    return rseq_fallback_load_cbne_store(v, expect, newv);
+    return rseq_percpu_load_cbne_store(rs, CAPI_MODE, v, expect, newv, cpu);
 }
 
 static int capi_load_add_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t count,
                                int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_add_store(rs, (enum rseq_index_mode)mode, v, count, cpu));
-    return rseq_fallback_load_add_store(v, count);
+    return rseq_percpu_load_add_store(rs, CAPI_MODE, v, count, cpu);
 }
 
 static int capi_load_add_bov_store(struct rseq_abi *rs, int mode, intptr_t *v, intptr_t count,
                                    int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_add_bov_store(rs, (enum rseq_index_mode)mode, v, count, cpu));
-    return rseq_fallback_load_add_bov_store(v, count);
+    return rseq_percpu_load_add_bov_store(rs, CAPI_MODE, v, count, cpu);
 }
 
 static int capi_load_cbeq_store_load_store(struct rseq_abi *rs, int mode, intptr_t *v,
                                            intptr_t expectnot, ptrdiff_t next_offset,
                                            intptr_t *loaded, int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_cbeq_store_load_store(rs, (enum rseq_index_mode)mode, v, expectnot,
-                                                  next_offset, loaded, cpu));
-    return rseq_fallback_load_cbeq_store_load_store(v, expectnot, next_offset, loaded, NULL);
+    return rseq_percpu_load_cbeq_store_load_store(rs, CAPI_MODE, v, expectnot, next_offset,
+                                                  loaded, NULL, cpu);
 }
 
 static int capi_load_cbne_store_store(struct rseq_abi *rs, int mode, intptr_t *v,
                                       intptr_t expect, intptr_t *p2, intptr_t v2,
                                       intptr_t newv, int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_cbne_store_store(rs, (enum rseq_index_mode)mode, v, expect, p2, v2,
-                                             newv, cpu));
-    return rseq_fallback_load_cbne_store_store(v, expect, p2, v2, newv, NULL);
+    return rseq_percpu_load_cbne_store_store(rs, CAPI_MODE, v, expect, p2, v2, newv, NULL, cpu);
 }
 
 static int capi_load_cbne_memcpy_store(struct rseq_abi *rs, int mode, intptr_t *v,
                                        intptr_t expect, void *dst, const void *src, size_t len,
                                        intptr_t newv, int cpu)
 {
-    CAPI_SEQUENCE(rseq_load_cbne_memcpy_store(rs, (enum rseq_index_mode)mode, v, expect, dst,
-                                              src, len, newv, cpu));
-    return rseq_fallback_load_cbne_memcpy_store(v, expect, dst, src, len, newv, NULL);
+    return rseq_percpu_load_cbne_memcpy_store(rs, CAPI_MODE, v, expect, dst, src, len, newv,
+                                              NULL, cpu);
 }
 
-#undef CAPI_SEQUENCE
+#undef CAPI_MODE
 
 static const struct rseq_capi capi = {
     .size = sizeof(struct rseq_capi),
@@ -438,6 +398,133 @@ static const struct rseq_capi capi = {
 };
 
 /* ------------------------------------------------------------------------
+ * The ABI, exported from rseq/abi.h so that no Python module restates it
+ * ------------------------------------------------------------------------ */
+
+/* A tuple of (name, offset, size) per field. */
+static PyObject *field_tuple(const char *const *names, const int *offsets, const int *sizes,
+                             size_t count)
+{
+    PyObject *fields = PyTuple_New((Py_ssize_t)count);
+    if (!fields)
+        return NULL;
+    for (size_t i = 0; i < count; i++) {
+        PyObject *item = Py_BuildValue("(sii)", names[i], offsets[i], sizes[i]);
+        if (!item) {
+            Py_DECREF(fields);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(fields, (Py_ssize_t)i, item);
+    }
+    return fields;
+}
+
+#define FIELD_NAME(name, offset, size) #name,
+#define FIELD_OFFSET(name, offset, size) offset,
+#define FIELD_SIZE(name, offset, size) size,
+static const char *const abi_field_names[] = {RSEQ_ABI_FIELDS(FIELD_NAME)};
+static const int abi_field_offsets[] = {RSEQ_ABI_FIELDS(FIELD_OFFSET)};
+static const int abi_field_sizes[] = {RSEQ_ABI_FIELDS(FIELD_SIZE)};
+static const char *const abi_cs_field_names[] = {RSEQ_ABI_CS_FIELDS(FIELD_NAME)};
+static const int abi_cs_field_offsets[] = {RSEQ_ABI_CS_FIELDS(FIELD_OFFSET)};
+static const int abi_cs_field_sizes[] = {RSEQ_ABI_CS_FIELDS(FIELD_SIZE)};
+#undef FIELD_NAME
+#undef FIELD_OFFSET
+#undef FIELD_SIZE
+
+static const struct { const char *name; long value; } abi_numbers[] = {
+    {"ORIG_SIZE", RSEQ_ORIG_SIZE},
+    {"ORIG_ALIGN", RSEQ_ORIG_ALIGN},
+    {"ORIG_FEATURE_SIZE", RSEQ_ORIG_FEATURE_SIZE},
+    {"CS_SIZE", RSEQ_CS_SIZE},
+    {"SIGNATURE", RSEQ_SIG},
+    {"CPU_ID_UNINITIALIZED", RSEQ_CPU_ID_UNINITIALIZED},
+    {"CPU_ID_REGISTRATION_FAILED", RSEQ_CPU_ID_REGISTRATION_FAILED},
+    {"FLAG_UNREGISTER", RSEQ_FLAG_UNREGISTER},
+    {"FLAG_SLICE_EXT_DEFAULT_ON", RSEQ_FLAG_SLICE_EXT_DEFAULT_ON},
+    {"FLAGS_SLICE_EXT_AVAILABLE_BIT", RSEQ_FLAGS_SLICE_EXT_AVAILABLE_BIT},
+    {"FLAGS_SLICE_EXT_ENABLED_BIT", RSEQ_FLAGS_SLICE_EXT_ENABLED_BIT},
+    {"CS_FLAGS_DEPRECATED", RSEQ_CS_FLAGS_DEPRECATED},
+    {"AT_RSEQ_FEATURE_SIZE", RSEQ_AT_FEATURE_SIZE},
+    {"AT_RSEQ_ALIGN", RSEQ_AT_ALIGN},
+    {"MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ", RSEQ_MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ},
+    {"MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ",
+     RSEQ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ},
+    {"MEMBARRIER_CMD_FLAG_CPU", RSEQ_MEMBARRIER_CMD_FLAG_CPU},
+    {"PTRACE_GET_RSEQ_CONFIGURATION", RSEQ_PTRACE_GET_CONFIGURATION},
+    {"PR_RSEQ_SLICE_EXTENSION", RSEQ_PR_SLICE_EXTENSION},
+    {"PR_RSEQ_SLICE_EXTENSION_GET", RSEQ_PR_SLICE_EXTENSION_GET},
+    {"PR_RSEQ_SLICE_EXTENSION_SET", RSEQ_PR_SLICE_EXTENSION_SET},
+    {"PR_RSEQ_SLICE_EXTENSION_ENABLE", RSEQ_PR_SLICE_EXTENSION_ENABLE},
+};
+
+/* The system calls Python uses, numbered for the architecture of this build;
+ * one the headers do not define is left out (the caller falls back). */
+static const struct { const char *name; long value; } abi_syscalls[] = {
+#ifdef RSEQ_SYS_RSEQ
+    {"rseq", RSEQ_SYS_RSEQ},
+#endif
+#ifdef SYS_membarrier
+    {"membarrier", SYS_membarrier},
+#endif
+#ifdef SYS_getcpu
+    {"getcpu", SYS_getcpu},
+#endif
+#ifdef SYS_gettid
+    {"gettid", SYS_gettid},
+#endif
+#ifdef SYS_tgkill
+    {"tgkill", SYS_tgkill},
+#endif
+#ifdef SYS_arch_prctl
+    {"arch_prctl", SYS_arch_prctl},
+#endif
+};
+
+#define COUNT(a) (sizeof(a) / sizeof((a)[0]))
+
+/* PyModule_Add() of 3.13: adds `value` (a new reference, or NULL with an
+ * exception) and always consumes it. */
+static int add_owned(PyObject *module, const char *name, PyObject *value)
+{
+    if (!value)
+        return -1;
+    int ret = PyModule_AddObjectRef(module, name, value);
+    Py_DECREF(value);
+    return ret;
+}
+
+static int add_abi_constants(PyObject *module)
+{
+    PyObject *numbers = PyDict_New(), *syscalls = PyDict_New();
+    int ret = -1;
+
+    if (!numbers || !syscalls)
+        goto done;
+    for (size_t i = 0; i < COUNT(abi_numbers); i++)
+        if (dict_set(numbers, abi_numbers[i].name, PyLong_FromLong(abi_numbers[i].value)) < 0)
+            goto done;
+    for (size_t i = 0; i < COUNT(abi_syscalls); i++)
+        if (dict_set(syscalls, abi_syscalls[i].name,
+                     PyLong_FromLong(abi_syscalls[i].value)) < 0)
+            goto done;
+    if (PyModule_AddObjectRef(module, "ABI", numbers) < 0
+        || PyModule_AddObjectRef(module, "SYSCALLS", syscalls) < 0
+        || add_owned(module, "ABI_FIELDS",
+                        field_tuple(abi_field_names, abi_field_offsets, abi_field_sizes,
+                                    COUNT(abi_field_names))) < 0
+        || add_owned(module, "ABI_CS_FIELDS",
+                        field_tuple(abi_cs_field_names, abi_cs_field_offsets,
+                                    abi_cs_field_sizes, COUNT(abi_cs_field_names))) < 0)
+        goto done;
+    ret = 0;
+done:
+    Py_XDECREF(numbers);
+    Py_XDECREF(syscalls);
+    return ret;
+}
+
+/* ------------------------------------------------------------------------
  * Module definition
  * ------------------------------------------------------------------------ */
 
@@ -449,10 +536,6 @@ static PyMethodDef module_methods[] = {
     {"unregister", py_unregister, METH_NOARGS, unregister_doc},
     {"registration_count", py_registration_count, METH_NOARGS, registration_count_doc},
     {"info_dict", py_info_dict, METH_NOARGS, info_dict_doc},
-    {"rseq_syscall", py_rseq_syscall, METH_VARARGS, rseq_syscall_doc},
-    {"_set_registration_count", py_set_refcount, METH_O,
-     "_set_registration_count($module, count, /)\n--\n\n"
-     "Tests only: set the calling thread's reference count."},
     RSEQ_INSPECT_METHODS
     RSEQ_BENCH_METHODS
     {NULL, NULL, 0, NULL},
@@ -541,7 +624,8 @@ static int module_exec(PyObject *module)
     if (PyModule_AddIntConstant(module, "SIGNATURE", RSEQ_SIG) < 0
         || PyModule_AddStringConstant(module, "ARCH", RSEQ_ARCH_NAME) < 0
         || PyModule_AddIntConstant(module, "HAS_CRITICAL_SECTIONS", RSEQ_ARCH_HAS_CS) < 0
-        || PyModule_AddIntConstant(module, "POSSIBLE_CPUS", rseq_possible_cpus()) < 0)
+        || PyModule_AddIntConstant(module, "POSSIBLE_CPUS", rseq_possible_cpus()) < 0
+        || add_abi_constants(module) < 0)
         return -1;
     return 0;
 }

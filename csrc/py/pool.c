@@ -256,10 +256,23 @@ static int index_argument(PyObject *arg, uint64_t *index)
  * Allocation
  * ------------------------------------------------------------------------ */
 
+/* The calling thread's area; a registration lost behind our back moves the
+ * thread to the fallback (recorded in info().fallback), as counter.h does,
+ * and the pool then uses the overflow only. */
+static inline struct rseq_abi *pool_area(void)
+{
+    struct rseq_abi *rs = counter_thread_area();
+    if (__builtin_expect(rs != NULL && rseq_area_lost(rs), 0)) {
+        counter_thread_area_recheck();
+        rs = counter_thread_area();
+    }
+    return rs;
+}
+
 static int64_t alloc_or_reclaim(PoolMapObject *m)
 {
     uint64_t me = rseq_pool_self();
-    int64_t i = rseq_pool_alloc(&m->pool, counter_thread_area(), me);
+    int64_t i = rseq_pool_alloc(&m->pool, pool_area(), me);
     if (__builtin_expect(i >= 0, 1) || i != RSEQ_POOL_EMPTY)
         return i;
     /* Nothing found: give back the blocks of dead owners (and hidden free
@@ -273,7 +286,7 @@ static int64_t alloc_or_reclaim(PoolMapObject *m)
         PyErr_NoMemory();
         return -100;
     }
-    return rseq_pool_alloc(&m->pool, counter_thread_area(), me);
+    return rseq_pool_alloc(&m->pool, pool_area(), me);
 }
 
 static PyObject *pool_map_alloc_index(PoolMapObject *m, PyObject *Py_UNUSED(unused))
@@ -312,7 +325,7 @@ static PyObject *pool_map_alloc(PoolMapObject *m, PyObject *Py_UNUSED(unused))
     PyObject *b = new_block(m, (uint64_t)i, 1);
     if (!b) {
         uint64_t owner;
-        rseq_pool_free(&m->pool, counter_thread_area(), rseq_pool_self(), (uint64_t)i, &owner);
+        rseq_pool_free(&m->pool, pool_area(), rseq_pool_self(), (uint64_t)i, &owner);
     }
     return b;
 }
@@ -320,7 +333,7 @@ static PyObject *pool_map_alloc(PoolMapObject *m, PyObject *Py_UNUSED(unused))
 static PyObject *free_index(PoolMapObject *m, uint64_t index)
 {
     uint64_t owner = 0;
-    int ret = rseq_pool_free(&m->pool, counter_thread_area(), rseq_pool_self(), index, &owner);
+    int ret = rseq_pool_free(&m->pool, pool_area(), rseq_pool_self(), index, &owner);
     if (__builtin_expect(ret == 0, 1))
         Py_RETURN_NONE;
     return pool_error(m, ret, index, owner, "free");
@@ -523,7 +536,7 @@ static PyObject *pool_map_bench_pairs(PoolMapObject *m, PyObject *args)
     double t0, t1;
     size_t size = (size_t)m->pool.block_size;
     Py_BEGIN_ALLOW_THREADS
-    struct rseq_abi *rs = counter_thread_area();
+    struct rseq_abi *rs = pool_area();
     uint64_t me = rseq_pool_self(), owner;
     t0 = bench_now_ns();
     if (use_pool) {
@@ -717,19 +730,19 @@ int64_t rseq_capi_pool_alloc(struct rseq_capi_pool *handle)
 {
     struct rseq_pool *p = (struct rseq_pool *)handle;
     uint64_t me = rseq_pool_self();
-    int64_t i = rseq_pool_alloc(p, counter_thread_area(), me);
+    int64_t i = rseq_pool_alloc(p, pool_area(), me);
     if (i != RSEQ_POOL_EMPTY)
         return i;
     struct rseq_pool_census census;
     if (rseq_pool_census(p, 1, &census) < 0)
         return RSEQ_POOL_EMPTY;
-    return rseq_pool_alloc(p, counter_thread_area(), me);
+    return rseq_pool_alloc(p, pool_area(), me);
 }
 
 int rseq_capi_pool_free(struct rseq_capi_pool *handle, uint64_t index)
 {
     uint64_t owner;
-    return rseq_pool_free((struct rseq_pool *)handle, counter_thread_area(), rseq_pool_self(),
+    return rseq_pool_free((struct rseq_pool *)handle, pool_area(), rseq_pool_self(),
                           index, &owner);
 }
 

@@ -1,7 +1,8 @@
 /*
  * primitive_workers.h - stress workers for each per-CPU primitive of
  * percpu.h, exported by the test build rseq._inject to the stress harness
- * (src/rseq/_stress.py, primitive_case()).
+ * (src/rseq/testing/stress.py, primitive_case()): the binding of the pure-C
+ * workload of workload.h.
  *
  *   PRIMITIVES                            names, one per primitive
  *   primitive_size(name, nworkers)        bytes of shared state
@@ -13,7 +14,7 @@
  * mmap, so forked workers share it) and holds no pointer: lists link nodes by
  * their offset from the buffer, so the state is valid at any mapping address.
  * It starts with a header (magic, version, layout) that every call validates
- * before it trusts an offset.  Details in primitive_workers.c.
+ * before it trusts an offset.  Details in workload.h.
  */
 #ifndef RSEQ_PY_PRIMITIVE_WORKERS_H
 #define RSEQ_PY_PRIMITIVE_WORKERS_H

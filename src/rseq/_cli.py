@@ -27,8 +27,7 @@ def format_info(facts: Info) -> str:
         return (f"registered by {facts.owner}: {facts.registered_size}-byte area at "
                 f"{facts.area_address:#x}, {facts.usable_size} bytes usable")
 
-    all_fields = ("cpu_id_start", "cpu_id", "rseq_cs", "flags", "node_id", "mm_cid",
-                  "slice_ctrl")
+    all_fields = [name for name, _offset, _size in _core.ABI_FIELDS]
     missing = [f for f in all_fields if f not in facts.fields]
     try:
         mm_cid = str(_core.mm_cid())

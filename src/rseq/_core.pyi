@@ -24,6 +24,16 @@ POSSIBLE_CPUS: Final[int]
 ARENA_ENTRY_HEADER: Final[int]
 #: The C API capsule ("rseq._core._C_API"); see rseq/capi.h.
 _C_API: Final[object]
+#: The rseq ABI of rseq/abi.h: sizes, flags, the signature, sentinels, auxv
+#: keys, membarrier and prctl numbers, by name.
+ABI: Final[dict[str, int]]
+#: struct rseq's fields as (name, offset, size), in order.
+ABI_FIELDS: Final[tuple[tuple[str, int, int], ...]]
+#: struct rseq_cs's fields as (name, offset, size), in order.
+ABI_CS_FIELDS: Final[tuple[tuple[str, int, int], ...]]
+#: System call numbers of this build's architecture, by name (rseq,
+#: membarrier, getcpu, gettid, tgkill, arch_prctl where it exists).
+SYSCALLS: Final[dict[str, int]]
 
 # ---------------------------------------------------------------------------
 # Reads and registration
@@ -36,9 +46,7 @@ def register() -> int: ...
 def unregister() -> bool: ...
 def registration_count() -> int: ...
 def info_dict() -> dict[str, Any]: ...
-def rseq_syscall(address: int, length: int, flags: int, signature: int, /) -> int: ...
 def thread_configuration(tid: int, /) -> tuple[int, int, int, int]: ...
-def _set_registration_count(count: int, /) -> None: ...
 def _bench_c(kind: str, threads: int, iterations: int, /) -> Any: ...
 
 # ---------------------------------------------------------------------------

@@ -15,7 +15,9 @@ def registered() -> Iterator[int]:
     ``with rseq.registered() as count:`` registers the thread if nobody has
     (raising ``rseq.RegistrationError`` if that is impossible) and drops the
     reference on exit; the registration ends only when the last reference
-    of every user in the process is gone.
+    of every user in the process is gone.  A registration that a read made
+    lazily holds a reference of its own, so ``with rseq.registered(): pass``
+    never ends it.
     """
     count = _core.register()
     try:

@@ -7,13 +7,14 @@
 # x every injection point x {yield, sleep, raise, signal storm} x {cpu_id,
 # mm_cid (glibc registration off)} with migration, then processes and the
 # fallback. Stops at the first failure and prints the failing command.
-# The quick version of this matrix is tests/test_primitives.py.
+# The quick version of this matrix is tests/stress/test_primitives.py.
 set -eu
 REPS=${1:-50000}
 OUT=tests/_build
 mkdir -p "$OUT"
-gcc -std=gnu11 -O2 -Wall -Wextra -pthread -I csrc/lib -I src/rseq/include -DRSEQ_INJECT=1 \
-    tests/c/param_test.c -o "$OUT/param_test" -ldl
+gcc -std=gnu11 -O2 -Wall -Wextra -pthread -I csrc/lib -I csrc/testing -I src/rseq/include \
+    -DRSEQ_INJECT=1 tests/c/param_test.c csrc/testing/workload.c csrc/lib/registration.c \
+    csrc/lib/cpus.c -o "$OUT/param_test" -ldl
 W=$(( $(nproc) * 4 ))
 run() {
     if ! out=$("$@" 2>&1); then

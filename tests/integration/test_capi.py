@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-import rseq
+import rseq._inject
 from helpers.build import build_capi_ext
 from helpers.subproc import OWN_REGISTRATION, run_json
 from helpers.system import in_thread, usable_cpus
@@ -84,7 +84,7 @@ CAPI_CHILD = """
     import errno, json, os, sys, threading
     sys.path.insert(0, {dir!r})
     {prelude}
-    import rseq, capi_ext
+    import rseq._inject, capi_ext
     api = capi_ext.import_api()
     out = {{}}
     facts = rseq.info()
@@ -100,15 +100,42 @@ CAPI_CHILD = """
 """
 
 
+def test_c_api_after_the_registration_is_lost(capi_dir):
+    """A registration ended behind the package's back (issue 8, item 2): a C
+    extension's retry loop that keeps its stale area ends (the primitives
+    take the fallback on a lost area), every add counts, and thread_area()
+    answers NULL from then on."""
+    got = run_json(CAPI_CHILD.format(dir=capi_dir, prelude="", body="""
+    capi_ext.percpu_add(100)
+    out["unregister"] = rseq._inject.rseq_syscall(facts.area_address, facts.registered_size,
+                                                1, rseq._core.SIGNATURE)
+    capi_ext.percpu_add(1000)               # used to spin forever
+    out["after"] = [capi_ext.percpu_sum(), capi_ext.thread_area(),
+                    capi_ext.thread_area_size(), rseq.info().owner]
+    """), env=OWN_REGISTRATION, timeout=60)
+    assert got["area"][4] == "rseq"
+    assert got["unregister"] == 0
+    assert got["after"] == [1100, None, 0, None]
+
+
 def test_own_registration_through_the_c_api(capi_dir):
     got = run_json(CAPI_CHILD.format(dir=capi_dir, prelude="", body="""
-    out["steps"] = [capi_ext.register_thread(), rseq.register(),
-                    capi_ext.unregister_thread(), rseq.registration_count(),
-                    rseq.unregister(), capi_ext.thread_area(),
-                    capi_ext.thread_area_size(), rseq.info().fallback,
-                    capi_ext.unregister_thread(), capi_ext.register_thread(),
-                    capi_ext.thread_area() == facts.area_address,
-                    rseq.registration_count()]
+    # In a fresh thread whose first call is register(): the main thread
+    # registered lazily (rseq.info() above), and a lazy registration holds a
+    # reference of its own that balanced pairs never drop (issue 8, item 9).
+    def steps():
+        first = [capi_ext.register_thread()]
+        area = capi_ext.thread_area()
+        out["steps"] = first + [rseq.register(),
+                        capi_ext.unregister_thread(), rseq.registration_count(),
+                        rseq.unregister(), capi_ext.thread_area(),
+                        capi_ext.thread_area_size(), rseq.info().fallback,
+                        capi_ext.unregister_thread(), capi_ext.register_thread(),
+                        capi_ext.thread_area() == area,
+                        rseq.registration_count()]
+    t = threading.Thread(target=steps); t.start(); t.join()
+    out["lazy_pair"] = [capi_ext.register_thread(), capi_ext.unregister_thread(),
+                        capi_ext.thread_area() == facts.area_address, rseq.info().fallback]
     # Exit check: threads that registered (and some that still hold a
     # reference) exit; after rseq's destructor their areas are unregistered.
     def work(hold):
@@ -134,6 +161,7 @@ def test_own_registration_through_the_c_api(capi_dir):
     assert got["steps"] == [0, 2, 0, 1, True, None, 0,
                             "unregistered by rseq.unregister()",
                             -errno.EINVAL, 0, True, 1]
+    assert got["lazy_pair"] == [0, 0, True, None]
     assert got["exits"] == {"checked": 200, "still_registered": 0,
                             "other_errors": 0, "last_errno": 0}
 
@@ -192,7 +220,7 @@ def test_primitives_on_the_fallback_path(capi_dir):
         from helpers.seccomp import deny_rseq
         deny_rseq(errno.ENOSYS)
         sys.path.insert(0, {capi_dir!r})
-        import rseq, capi_ext
+        import rseq._inject, capi_ext
         capi_ext.import_api()
         ts = [threading.Thread(target=capi_ext.percpu_add, args=(50000,)) for _ in range(4)]
         for t in ts: t.start()

@@ -47,7 +47,7 @@ def test_undecided_is_the_exception_and_says_why(report):
 
 
 def test_uses_the_package_wrapper(report):
-    assert report.wrapper == "rseq._core.rseq_syscall"
+    assert report.wrapper == "rseq._inject.rseq_syscall"
 
 
 def test_cli_list(capsys):

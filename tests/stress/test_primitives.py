@@ -19,17 +19,34 @@ from pathlib import Path
 
 import pytest
 
+from rseq import _inject
+
 ROOT = Path(__file__).resolve().parents[2]
 BUILD = ROOT / "tests" / "_build"
-SOURCE = ROOT / "tests" / "c" / "param_test.c"
-CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-pthread",
-          "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "src" / "rseq" / "include")]
+# The thin main, the workload it shares with rseq._inject, and the package's
+# registration and CPU discovery (no copy of either in the test).
+SOURCES = [ROOT / "tests" / "c" / "param_test.c", ROOT / "csrc" / "testing" / "workload.c",
+           ROOT / "csrc" / "lib" / "registration.c", ROOT / "csrc" / "lib" / "cpus.c"]
+CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread",
+          "-I", str(ROOT / "csrc" / "lib"), "-I", str(ROOT / "csrc" / "testing"),
+          "-I", str(ROOT / "src" / "rseq" / "include")]
 
 PRIMITIVES = ["counter", "cbne", "bov", "list", "store_store", "memcpy"]
-# Windows inside the sequence (asm points) and one before it (C point 7).
-POINTS = {"counter": [1, 2, 3, 4, 7], "cbne": [1, 2, 3, 4, 7], "bov": [1, 2, 3, 4, 7],
-          "list": [1, 2, 3, 4, 8], "store_store": [1, 2, 3, 4, 8],
-          "memcpy": [1, 2, 3, 4, 5, 8]}
+# param_test's name of each primitive in the injection-point table.
+TABLE_NAME = {"counter": "add"}
+# Every window inside the sequence (the asm points of the table) and one C
+# window before it: 7 (after the index read) for the counting primitives, 8
+# (after the C read of the list head or log length) for the others.
+C_WINDOW = {"counter": 7, "cbne": 7, "bov": 7, "list": 8, "store_store": 8, "memcpy": 8}
+
+
+def _points(primitive: str) -> list[int]:
+    passed = _inject.INJECTION_POINTS[TABLE_NAME.get(primitive, primitive)]
+    assert C_WINDOW[primitive] in passed
+    return [p for p in passed if p < 7] + [C_WINDOW[primitive]]
+
+
+POINTS = {p: _points(p) for p in PRIMITIVES}
 DISTURBANCES = {
     "yield": ["-y", "-e", "20"],
     "signal_storm": ["-S", "5"],
@@ -45,8 +62,9 @@ pytestmark = pytest.mark.skipif(
 
 def _compile(output: Path, *extra: str) -> Path:
     BUILD.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["gcc", *CFLAGS, *extra, str(SOURCE), "-o", str(output), "-ldl"],
-                   check=True, capture_output=True, text=True)
+    proc = subprocess.run(["gcc", *CFLAGS, *extra, *map(str, SOURCES), "-o", str(output),
+                           "-ldl"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
     return output
 
 
@@ -62,7 +80,8 @@ def release_build() -> Path:
 
 @pytest.fixture(scope="session")
 def release_object() -> Path:
-    return _compile(BUILD / "param_test_release.o", "-c")
+    # One relocatable object of every source: nothing linked in from libc.
+    return _compile(BUILD / "param_test_release.o", "-r", "-nostdlib")
 
 
 @pytest.fixture(scope="session")

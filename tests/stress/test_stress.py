@@ -23,14 +23,17 @@ from rseq.testing import stress as _stress
 
 PRIMITIVES = ("cbne", "add", "bov", "list", "store_store", "memcpy")
 
-# Two windows inside the sequence (after the compare, before the commit) and
-# one in C before it: every action lands in each.
-PRIMITIVE_POINTS = (3, 4, 7)
+# The quick slice of the points each primitive passes (the table of
+# rseq._inject.INJECTION_POINTS): two windows inside the sequence (after the
+# compare, before the commit) and one in C before it: every action lands in
+# each.
+def _slice_points(primitive: str) -> tuple[int, ...]:
+    return tuple(p for p in _inject.INJECTION_POINTS[primitive] if p in _stress.QUICK_POINTS)
 
 
 def _primitive_slice(primitive: str):
     for point, action, workers in itertools.product(
-            PRIMITIVE_POINTS, _stress.ACTIONS, ("threads", "processes")):
+            _slice_points(primitive), _stress.ACTIONS, ("threads", "processes")):
         yield dict(primitive=primitive, point=point, action=action, workers=workers)
 
 

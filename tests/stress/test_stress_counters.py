@@ -8,12 +8,14 @@ import itertools
 import pytest
 
 from helpers.subproc import OWN_REGISTRATION, run_json
+from rseq import _inject
 from rseq.testing import stress as _stress
 
 CASES = [
     dict(structure=structure, point=point, action=action, workers=workers)
-    for structure, point, action, workers in itertools.product(
-        ("counter", "arena"), _stress.COUNTER_POINTS, _stress.ACTIONS, ("threads", "processes"))
+    for structure in ("counter", "arena")
+    for point, action, workers in itertools.product(
+        _inject.INJECTION_POINTS[structure], _stress.ACTIONS, ("threads", "processes"))
     if not (structure == "counter" and workers == "processes")
 ]
 

@@ -284,19 +284,29 @@ def test_thousands_of_short_lived_threads_do_not_leak():
         from helpers.system import malloc_in_use, rss_bytes
 
         errors = []
-        def work():
+        def work(lazy):
             try:
-                assert rseq.cpu() >= 0
-                assert rseq.register() == 1
-                assert rseq.info().owner == "rseq"
-                assert rseq.unregister() is True
-                assert rseq.info().fallback == "unregistered by rseq.unregister()"
+                if lazy:
+                    # A read registers lazily; that registration holds its own
+                    # reference (issue 8, item 9) and ends at thread exit.
+                    assert rseq.cpu() >= 0
+                    assert rseq.register() == 1
+                    assert rseq.info().owner == "rseq"
+                    assert rseq.unregister() is False
+                    assert rseq.info().fallback is None
+                else:
+                    assert rseq.register() == 1
+                    assert rseq.cpu() >= 0
+                    assert rseq.info().owner == "rseq"
+                    assert rseq.unregister() is True
+                    assert rseq.info().fallback == "unregistered by rseq.unregister()"
             except BaseException as e:
                 errors.append(repr(e))
 
         def batch(count, width=16):
             for _ in range(count // width):
-                threads = [threading.Thread(target=work) for _ in range(width)]
+                threads = [threading.Thread(target=work, args=(k % 2 == 0,))
+                           for k in range(width)]
                 for t in threads: t.start()
                 for t in threads: t.join()
 

@@ -87,6 +87,54 @@ def test_value_beyond_int64():
     assert c.value() == 0
 
 
+def _counters_of_every_kind(tmp_path):
+    arena = rseq.Arena.create(str(tmp_path / "saturated"))
+    made = iter(range(10**6))
+    return arena, [lambda: rseq.PerCpuCounter(),
+                   lambda: arena.counter(f"k{next(made)}")]
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_reset_frees_a_saturated_slot_on_every_cpu(tmp_path, sign):
+    """Issue 8, item 10: after add(INT64_MAX) (or INT64_MIN) then reset(), the
+    counter accepts every add whose result fits, whichever CPU saturated its
+    slot and whichever CPU adds next.  Refused: only adds that would take the
+    value out of the signed 64-bit range."""
+    from helpers.system import in_thread, pin_current_thread, usable_cpus
+    cpus = usable_cpus()
+    arena, kinds = _counters_of_every_kind(tmp_path)
+    extreme = INT64_MAX if sign > 0 else INT64_MIN
+    results = []
+    try:
+        for make in kinds:
+            for saturated_on in cpus:
+                for adder_on in cpus:
+                    c = make()
+
+                    def body(c=c, saturated_on=saturated_on, adder_on=adder_on):
+                        pin_current_thread({saturated_on})
+                        c.add(extreme)
+                        assert c.reset() == extreme
+                        pin_current_thread({adder_on})
+                        c.add(sign)                        # used to raise
+                        c.add(extreme - sign)              # the value is now extreme
+                        assert c.value() == extreme
+                        with pytest.raises(OverflowError, match="nothing was added"):
+                            c.add(sign)                    # would not fit: refused
+                        assert c.value() == extreme
+                        c.add(-sign)
+                        assert c.reset() == extreme - sign
+                        c.add(sign * 7)
+                        # The invariant holds with the adds placed in the baseline.
+                        assert sum(c.per_cpu()) + c.fallback_count() - c.removed() == sign * 7
+                        return c.value()
+
+                    results.append(in_thread(body))
+    finally:
+        arena.close()
+    assert results == [sign * 7] * (len(kinds) * len(cpus) ** 2)
+
+
 def test_reset_returns_removed_and_counts_on():
     c = rseq.PerCpuCounter()
     c.add(10)

@@ -621,3 +621,34 @@ def test_steady_state_makes_no_system_calls():
         pytest.skip("strace could not trace here (ptrace denied?)")
     # A few calls of slack for the interpreter's own start-up noise.
     assert result["syscalls with the loop"] - result["syscalls without the loop"] < 20, result
+
+
+@pytest.mark.usefixtures("kernel_rseq")
+def test_lost_registration_moves_to_the_overflow(path, pool):
+    """A registration ended behind the package's back: the pool's sequences
+    would abort forever; the thread moves to the fallback (info().fallback
+    says so) and uses the overflow, still exact beside rseq users."""
+    got = run_json(f"""
+        import json, threading
+        import rseq, rseq._inject
+        from rseq.testing.stress import _pool_worker, pool_exact
+        pool = rseq.Pool.open({path!r})
+        out = {{}}
+        def lost():
+            i = rseq.info()
+            out["unregister"] = rseq._inject.rseq_syscall(i.area_address, i.registered_size,
+                                                          1, rseq._core.SIGNATURE)
+            out["clashes"] = _pool_worker(pool._map, 1, 5000, 3, 1)
+            out["fallback"] = rseq.info().fallback
+        def normal():
+            out["normal"] = _pool_worker(pool._map, 2, 5000, 3, 2)
+        ts = [threading.Thread(target=lost), threading.Thread(target=normal)]
+        for t in ts: t.start()
+        for t in ts: t.join(timeout=60)
+        out["exact"] = pool_exact(pool)
+        print(json.dumps(out))
+    """, timeout=120)
+    assert got["unregister"] == 0
+    assert got["clashes"] == 0 and got["normal"] == 0
+    assert got["fallback"], got
+    assert got["exact"] is None

@@ -12,6 +12,7 @@ import pytest
 import rseq
 from helpers.subproc import MODES, OWN_REGISTRATION, run_json
 from helpers.system import in_thread, usable_cpus
+from rseq import _inject
 
 pytestmark = pytest.mark.usefixtures("kernel_rseq")
 
@@ -74,7 +75,7 @@ def test_counts_are_per_thread(glibc_mode, fresh_thread):
 
 def test_overflow_leaves_count_unchanged(glibc_mode, fresh_thread):
     def body():
-        rseq._core._set_registration_count(2**32 - 2)
+        _inject._set_registration_count(2**32 - 2)
         last = rseq.register()
         try:
             rseq.register()
@@ -83,7 +84,7 @@ def test_overflow_leaves_count_unchanged(glibc_mode, fresh_thread):
         else:
             error = None
         after = rseq.registration_count()
-        rseq._core._set_registration_count(0)
+        _inject._set_registration_count(0)
         return last, error, after
     last, error, after = fresh_thread(body)
     assert last == 2**32 - 1
@@ -149,6 +150,7 @@ def test_own_registration_reference_counts():
     got = run_json("""
         import json, os, threading, warnings
         import rseq
+        from rseq import _inject
         from helpers.scenarios import pinned_cpu_reads
         warnings.simplefilter("error")
         out = {}
@@ -164,30 +166,44 @@ def test_own_registration_reference_counts():
         b_done = rseq.unregister()
         mid = rseq.info()
         out["users"] = [a, b, b_done, mid.owner, mid.area_address]
+        # The lazy registration holds its own reference (issue 8, item 9):
+        # the last explicit unregister() does not end it.
         out["a_done"] = rseq.unregister()
-        gone = rseq.info()
-        out["gone"] = [gone.owner, gone.area_address, gone.fallback, gone.usable_size]
-        out["gone_reads"] = pinned_cpu_reads()
-        try:
-            rseq.mm_cid()
-        except rseq.Unsupported as e:
-            out["gone_mm_cid"] = str(e)
-        # register() again: the same area is registered anew.
-        out["again"] = rseq.register()
-        back = rseq.info()
-        out["back"] = [back.owner, back.area_address, back.fallback]
-        out["back_reads"] = pinned_cpu_reads()
-        with rseq.registered() as inner:
-            out["inner"] = inner
-        out["after_with"] = [rseq.registration_count(), rseq.info().owner]
-        out["last"] = rseq.unregister()
-        # overflow
-        rseq.register()
-        rseq._core._set_registration_count(2**32 - 1)
-        try:
+        kept = rseq.info()
+        out["kept"] = [kept.owner, kept.area_address, kept.fallback]
+        # A thread whose first call is register() owns no lazy reference:
+        # its last unregister() ends the registration.
+        def explicit():
+            a = rseq.register(); b = rseq.register()
+            b_done = rseq.unregister()
+            mid = rseq.info()
+            out["explicit_users"] = [a, b, b_done, mid.owner]
+            area = mid.area_address
+            out["explicit_done"] = rseq.unregister()
+            gone = rseq.info()
+            out["gone"] = [gone.owner, gone.area_address, gone.fallback, gone.usable_size]
+            out["gone_reads"] = pinned_cpu_reads()
+            try:
+                rseq.mm_cid()
+            except rseq.Unsupported as e:
+                out["gone_mm_cid"] = str(e)
+            # register() again: the same area is registered anew.
+            out["again"] = rseq.register()
+            back = rseq.info()
+            out["back"] = [back.owner, back.area_address == area, back.fallback]
+            out["back_reads"] = pinned_cpu_reads()
+            with rseq.registered() as inner:
+                out["inner"] = inner
+            out["after_with"] = [rseq.registration_count(), rseq.info().owner]
+            out["last"] = rseq.unregister()
+            # overflow
             rseq.register()
-        except OverflowError:
-            out["overflow"] = rseq.registration_count()
+            _inject._set_registration_count(2**32 - 1)
+            try:
+                rseq.register()
+            except OverflowError:
+                out["overflow"] = rseq.registration_count()
+        t = threading.Thread(target=explicit); t.start(); t.join()
         print(json.dumps(out))
     """, env=OWN_REGISTRATION)
     cpus = {str(c): [c] for c in usable_cpus()}
@@ -196,17 +212,49 @@ def test_own_registration_reference_counts():
     assert got["unbalanced"][:3] == [errno.EINVAL, True, True]
     assert "without a matching rseq.register()" in got["unbalanced"][3]
     assert got["users"] == [1, 2, False, "rseq", lazy_area]
-    assert got["a_done"] is True
+    assert got["a_done"] is False
+    assert got["kept"] == ["rseq", lazy_area, None]
+    assert got["explicit_users"] == [1, 2, False, "rseq"]
+    assert got["explicit_done"] is True
     assert got["gone"] == [None, None, "unregistered by rseq.unregister()", 0]
     assert got["gone_reads"] == cpus
     assert "unregistered by rseq.unregister()" in got["gone_mm_cid"]
     assert got["again"] == 1
-    assert got["back"] == ["rseq", lazy_area, None]
+    assert got["back"] == ["rseq", True, None]
     assert got["back_reads"] == cpus
     assert got["inner"] == 2
     assert got["after_with"] == [1, "rseq"]
     assert got["last"] is True
     assert got["overflow"] == 2**32 - 1
+
+
+def test_lazy_registration_survives_balanced_pairs():
+    """Issue 8, item 9: `with rseq.registered(): pass` (or any balanced
+    register()/unregister() pair) never ends a registration that a read
+    made lazily, in the main thread or any other."""
+    got = run_json("""
+        import json, threading
+        import rseq
+        out = {}
+        def body(name):
+            rseq.cpu()                                 # lazy registration
+            lazy = rseq.info()
+            with rseq.registered():
+                pass
+            rseq.register()
+            released = rseq.unregister()
+            after = rseq.info()
+            m = rseq.PerCpuCounter(index="mm_cid")     # needs a live area
+            m.add(1)
+            out[name] = [lazy.owner, released, after.owner,
+                         after.area_address == lazy.area_address, after.fallback,
+                         after.registration_count, m.fallback_count()]
+        body("main")
+        t = threading.Thread(target=body, args=("thread",)); t.start(); t.join()
+        print(json.dumps(out))
+    """, env=OWN_REGISTRATION)
+    assert got == {name: ["rseq", False, "rseq", True, None, 0, 0]
+                   for name in ("main", "thread")}
 
 
 def test_own_registration_thread_exit_with_references_held():

@@ -88,19 +88,24 @@ CASES: list[Case] = [
     Case("register-same-again", "the same registration twice: EBUSY", FREE, (_reg(A), _reg(A))),
     Case("register-same-other-signature", "same area, other signature: EPERM", FREE,
          (_reg(A), _reg(A, sig=OTHER_SIG))),
-    Case("register-same-other-length", "same area, other length: EINVAL", FREE, (_reg(A), _reg(A, 64))),
-    Case("register-other-area", "a second area for a registered thread: EINVAL", FREE, (_reg(A), _reg(B))),
+    Case("register-same-other-length", "same area, other length: EINVAL", FREE,
+         (_reg(A), _reg(A, 64))),
+    Case("register-other-area", "a second area for a registered thread: EINVAL", FREE,
+         (_reg(A), _reg(B))),
     Case("unregister", "unregister resets cpu_id to -1 (uninitialised)", FREE,
          (_reg(A), _reg(A, flags=UNREG), ("read32", ("A", 4)))),
     Case("unregister-other-length", "unregister with another length: EINVAL", FREE,
          (_reg(A), _reg(A, 64, UNREG))),
     Case("unregister-other-signature", "unregister with another signature: EPERM", FREE,
          (_reg(A), _reg(A, flags=UNREG, sig=OTHER_SIG))),
-    Case("unregister-other-area", "unregister another area: EINVAL", FREE, (_reg(A), _reg(B, flags=UNREG))),
-    Case("unregister-unregistered", "unregister without a registration: EINVAL", FREE, (_reg(A, flags=UNREG),)),
+    Case("unregister-other-area", "unregister another area: EINVAL", FREE,
+         (_reg(A), _reg(B, flags=UNREG))),
+    Case("unregister-unregistered", "unregister without a registration: EINVAL", FREE,
+         (_reg(A, flags=UNREG),)),
     Case("unregister-extra-flag", "unregister with an unknown flag too: EINVAL", FREE,
          (_reg(A), _reg(A, flags=UNREG | 2))),
-    Case("null-zero", "rseq(NULL, 0, 0, 0): EINVAL on a kernel with rseq", FREE, (_reg(("null", 0), 0, 0, 0),)),
+    Case("null-zero", "rseq(NULL, 0, 0, 0): EINVAL on a kernel with rseq", FREE,
+         (_reg(("null", 0), 0, 0, 0),)),
     Case("null-32", "NULL with a valid length: EFAULT", FREE, (_reg(("null", 0)),)),
     Case("length-20", "shorter than 32: EINVAL", FREE, (_reg(A, 20),)),
     Case("length-31", "shorter than 32: EINVAL", FREE, (_reg(A, 31),)),
@@ -108,7 +113,8 @@ CASES: list[Case] = [
     Case("length-64", "an extended length", FREE, (_reg(A, 64),)),
     Case("length-4096", "a long extended length", FREE, (_reg(A, 4096),)),
     Case("unaligned-4", "32 bytes at +4: EINVAL", FREE, (_reg(("A", 4)),)),
-    Case("aligned-16-length-64", "64 bytes at +16 (AT_RSEQ_ALIGN is 32): EINVAL", FREE, (_reg(("A", 16), 64),)),
+    Case("aligned-16-length-64", "64 bytes at +16 (AT_RSEQ_ALIGN is 32): EINVAL", FREE,
+         (_reg(("A", 16), 64),)),
     Case("aligned-32-length-64", "64 bytes at +32", FREE, (_reg(("A", 32), 64),)),
     Case("flag-unknown", "an unknown flag: EINVAL", FREE, (_reg(A, flags=4),)),
     Case("flag-slice-default-on", "RSEQ_FLAG_SLICE_EXT_DEFAULT_ON before Linux 7.0: EINVAL", FREE,
@@ -118,30 +124,39 @@ CASES: list[Case] = [
     Case("prot-none", "a PROT_NONE area: EFAULT (rseq_cs cannot be read)", FREE, (_reg(("N", 0)),)),
     Case("read-only", "a read-only area: accepted, then SIGSEGV writing cpu_id on return", FREE,
          (_reg(("R", 0)),)),
-    Case("read-only-stale-rseq_cs", "a read-only area with a stale rseq_cs: EFAULT (cannot clear)", FREE,
+    Case("read-only-stale-rseq_cs",
+         "a read-only area with a stale rseq_cs: EFAULT (cannot clear)", FREE,
          (("write64", ("R", 8), 0x1000), ("protect", "R", "r"), _reg(("R", 0)))),
     Case("stale-rseq_cs-cleared", "registration clears a stale rseq_cs", FREE,
          (("write64", ("A", 8), 0x1000), _reg(A), ("read64", ("A", 8)))),
     Case("kernel-address", "an address in the kernel half: EFAULT", FREE,
          (_reg(("abs", 0xFFFFFFFFFF600000)),)),
-    Case("end-of-user-space", "an area ending past TASK_SIZE: EFAULT", FREE, (_reg(("abs", _abi.TASK_SIZE - 32), 64),)),
+    Case("end-of-user-space", "an area ending past TASK_SIZE: EFAULT", FREE,
+         (_reg(("abs", _abi.TASK_SIZE - 32), 64),)),
     Case("into-guard-page", "64 bytes whose second half is a guard page: accepted", FREE,
          (_reg(("G", -32), 64),)),
-    Case("thread-same-area", "registration is per thread: another thread may register the same area", FREE,
+    Case("thread-same-area",
+         "registration is per thread: another thread may register the same area", FREE,
          (_reg(A), ("thread", _reg(A)))),
     Case("thread-starts-unregistered", "a new thread has no registration", FREE,
          (_reg(A), ("thread", _reg(A, flags=UNREG)))),
-    Case("fork-keeps", "fork: the child keeps the registration", FREE, (_reg(A), ("fork",), _reg(A))),
-    Case("exec-drops", "exec: the new image has no registration", FREE, (_reg(A), ("exec",), _reg(A, flags=UNREG))),
-    Case("unmap-after-register", "the area unmapped while registered: killed at the next event", FREE,
+    Case("fork-keeps", "fork: the child keeps the registration", FREE,
+         (_reg(A), ("fork",), _reg(A))),
+    Case("exec-drops", "exec: the new image has no registration", FREE,
+         (_reg(A), ("exec",), _reg(A, flags=UNREG))),
+    Case("unmap-after-register",
+         "the area unmapped while registered: killed at the next event", FREE,
          (_reg(A), ("munmap", "A"))),
-    Case("glibc-register-another", "glibc registered the thread: another area is EINVAL", GLIBC, (_reg(A),)),
+    Case("glibc-register-another", "glibc registered the thread: another area is EINVAL", GLIBC,
+         (_reg(A),)),
     Case("glibc-register-same", "glibc's own area again: EBUSY", GLIBC, (_reg(("glibc", 0)),)),
     Case("glibc-same-other-signature", "glibc's area, other signature: EPERM", GLIBC,
          (_reg(("glibc", 0), sig=OTHER_SIG),)),
-    Case("glibc-unregister-other-signature", "unregister glibc's area with another signature: EPERM", GLIBC,
+    Case("glibc-unregister-other-signature",
+         "unregister glibc's area with another signature: EPERM", GLIBC,
          (_reg(("glibc", 0), flags=UNREG, sig=OTHER_SIG),)),
-    Case("glibc-unregister-other-length", "unregister glibc's area with another length: EINVAL", GLIBC,
+    Case("glibc-unregister-other-length",
+         "unregister glibc's area with another length: EINVAL", GLIBC,
          (_reg(("glibc", 0), 64, UNREG),)),
 ]
 
@@ -242,12 +257,12 @@ def _model_ops(m: Machine, t, ops, out: list[str]) -> None:
 
 
 def _raw_rseq_impl():
-    """The raw rseq(2) wrapper: the package's C core, or ctypes when the core
-    is not importable.  Returns (function, name)."""
+    """The raw rseq(2) wrapper: the test build's (rseq._inject, shipped for
+    this), or ctypes when it is not importable.  Returns (function, name)."""
     try:
-        from rseq import _core
+        from rseq import _inject
 
-        return _core.rseq_syscall, "rseq._core.rseq_syscall"
+        return _inject.rseq_syscall, "rseq._inject.rseq_syscall"
     except (ImportError, AttributeError):
         import ctypes
 
@@ -255,11 +270,12 @@ def _raw_rseq_impl():
         libc.syscall.restype = ctypes.c_long
 
         def call(address: int, length: int, flags: int, signature: int) -> int:
-            r = libc.syscall(334, ctypes.c_void_p(address), ctypes.c_uint32(length),
-                             ctypes.c_int(flags), ctypes.c_uint32(signature))
+            r = libc.syscall(_abi.SYSCALLS["rseq"], ctypes.c_void_p(address),
+                             ctypes.c_uint32(length), ctypes.c_int(flags),
+                             ctypes.c_uint32(signature))
             return -ctypes.get_errno() if r < 0 else r
 
-        return call, "ctypes syscall(334)"
+        return call, f"ctypes syscall({_abi.SYSCALLS['rseq']})"
 
 
 def _raw_rseq(address: int, length: int, flags: int, sig: int) -> int:
@@ -306,7 +322,8 @@ def _child(payload: str) -> None:
             bases[region] = base + 4096
         elif region == "glibc":
             fs = ctypes.c_ulong()
-            libc.syscall(158, 0x1003, ctypes.byref(fs))  # arch_prctl(ARCH_GET_FS)
+            # arch_prctl(ARCH_GET_FS): the thread pointer (x86-64, as the model)
+            libc.syscall(_abi.SYSCALLS["arch_prctl"], 0x1003, ctypes.byref(fs))
             offset = ctypes.c_ssize_t.in_dll(libc, "__rseq_offset").value
             bases[region] = fs.value + offset
     if "R" in spec["regions"] and not any(op[0] == "protect" for op in spec["ops"]):
@@ -447,18 +464,22 @@ class Report:
 
     def format(self) -> str:
         lines = [
-            f"conformance: kernel {self.kernel_release} (via {self.wrapper}) against the {self.variant} model "
-            f"(AT_RSEQ_FEATURE_SIZE {self.auxv.get('feature_size')}, AT_RSEQ_ALIGN {self.auxv.get('align')})",
+            f"conformance: kernel {self.kernel_release} (via {self.wrapper}) "
+            f"against the {self.variant} model "
+            f"(AT_RSEQ_FEATURE_SIZE {self.auxv.get('feature_size')}, "
+            f"AT_RSEQ_ALIGN {self.auxv.get('align')})",
             f"{'case':34} {'env':6} {'kernel':24} {'model':24} verdict",
         ]
         for r in self.rows:
             model = " ".join(r.model) if r.model is not None else "-"
-            lines.append(f"{r.case.name:34} {r.case.env:6} {' '.join(r.kernel):24} {model:24} {r.verdict}")
+            lines.append(f"{r.case.name:34} {r.case.env:6} {' '.join(r.kernel):24} "
+                         f"{model:24} {r.verdict}")
             if r.undecided:
                 lines.append(f"{'':34} model undecided: {r.undecided}")
         c = self.counts()
         lines.append(
-            f"{len(self.rows)} cases: {c['agree']} agree, {c['DISAGREE']} disagree, {c['undecided']} undecided "
+            f"{len(self.rows)} cases: {c['agree']} agree, {c['DISAGREE']} disagree, "
+            f"{c['undecided']} undecided "
             f"({self.elapsed:.1f} s)"
         )
         return "\n".join(lines)
@@ -470,7 +491,8 @@ def _auxv() -> dict[str, int]:
     libc = ctypes.CDLL(None)
     libc.getauxval.restype = ctypes.c_ulong
     libc.getauxval.argtypes = (ctypes.c_ulong,)
-    return {"feature_size": libc.getauxval(_abi.AT_RSEQ_FEATURE_SIZE), "align": libc.getauxval(_abi.AT_RSEQ_ALIGN)}
+    return {"feature_size": libc.getauxval(_abi.AT_RSEQ_FEATURE_SIZE),
+            "align": libc.getauxval(_abi.AT_RSEQ_ALIGN)}
 
 
 def conformance(only: list[str] | None = None, variant: str = "linux-6.3") -> Report:
@@ -492,4 +514,5 @@ def conformance(only: list[str] | None = None, variant: str = "linux-6.3") -> Re
             rows.append(Row(case, kernel, predict(case, model_variant)))
         except Undecided as why:
             rows.append(Row(case, kernel, None, str(why)))
-    return Report(rows, _raw_rseq_impl()[1], variant, os.uname().release, time.perf_counter() - started, auxv)
+    return Report(rows, _raw_rseq_impl()[1], variant, os.uname().release,
+                  time.perf_counter() - started, auxv)

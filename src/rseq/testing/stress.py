@@ -39,20 +39,13 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import _core, _inject
+
 ACTIONS = ("yield", "signal", "sleep")
-# Injection points (inject.h) that each structure passes through: 1-4 inside
-# every sequence, 5 inside the memcpy copy loop, 7 between reading the index
-# and the sequence, 8 after the C read of a list head or expected value, 9
-# after an abort.
-COUNTER_POINTS = (1, 2, 3, 4, 7, 9)
-PRIMITIVE_POINTS = {
-    "cbne": (1, 2, 3, 4, 7, 8, 9),
-    "add": (1, 2, 3, 4, 7, 9),
-    "bov": (1, 2, 3, 4, 7, 9),
-    "list": (1, 2, 3, 4, 7, 8, 9),
-    "store_store": (1, 2, 3, 4, 7, 8, 9),
-    "memcpy": (1, 2, 3, 4, 5, 7, 8, 9),
-}
+# Injection points (inject.h) that each structure passes through, from the
+# one table in C (csrc/testing/workload.c, rseq._inject.INJECTION_POINTS).
+COUNTER_POINTS = _inject.INJECTION_POINTS["counter"]
+PRIMITIVE_POINTS = {name: _inject.INJECTION_POINTS[name] for name in _inject.PRIMITIVES}
 QUICK_POINTS = (3, 4, 7)
 
 
@@ -112,7 +105,7 @@ class Disturber:
 
     MAX_TARGETS = 256
     _THREAD, _PROCESS = 1, 2
-    _SYS_TGKILL = 234  # x86-64; elsewhere the storm signals the process
+    _SYS_TGKILL = _core.SYSCALLS.get("tgkill")  # None: the storm signals the process
 
     def __init__(self, storm: bool, migrate: bool):
         self.storm = storm
@@ -162,8 +155,7 @@ class Disturber:
             targets = [(self._view[1 + 2 * i], self._view[2 + 2 * i]) for i in range(n)]
             for kind, ident in targets:
                 if self.storm:
-                    if kind == self._THREAD and sys.platform == "linux" and \
-                            os.uname().machine == "x86_64":
+                    if kind == self._THREAD and self._SYS_TGKILL is not None:
                         syscall(self._SYS_TGKILL, parent, ident, signal.SIGUSR1)
                     else:
                         try:
@@ -364,7 +356,7 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
 # Points the pool passes through: 1-4 inside its pop and push sequences, 7
 # before them, 8 between reading a stack and its sequence (and inside the
 # overflow's two-step moves), 9 after an abort.
-POOL_POINTS = (1, 2, 3, 4, 7, 8, 9)
+POOL_POINTS = _inject.INJECTION_POINTS["pool"]
 
 
 def pool_exact(pool) -> str | None:

@@ -60,9 +60,37 @@
 #define RSEQ_CS_OFF_ABORT_IP 24
 #define RSEQ_CS_SIZE 32
 
+/* The deprecated RSEQ_CS_FLAG_NO_RESTART_ON_{PREEMPT,SIGNAL,MIGRATE} bits:
+ * since 6.0 a kernel that finds them in rseq_cs.flags or rseq.flags kills
+ * the process. */
+#define RSEQ_CS_FLAGS_DEPRECATED 0x7
+
+/* The fields of struct rseq and of struct rseq_cs, in order, as
+ * X(name, offset, size): the one list that the C tables and the constants
+ * rseq._core exports to Python (ABI_FIELDS, ABI_CS_FIELDS) are built from. */
+#define RSEQ_ABI_FIELDS(X)                             \
+    X(cpu_id_start, RSEQ_OFF_CPU_ID_START, 4)          \
+    X(cpu_id, RSEQ_OFF_CPU_ID, 4)                      \
+    X(rseq_cs, RSEQ_OFF_RSEQ_CS, 8)                    \
+    X(flags, RSEQ_OFF_FLAGS, 4)                        \
+    X(node_id, RSEQ_OFF_NODE_ID, 4)                    \
+    X(mm_cid, RSEQ_OFF_MM_CID, 4)                      \
+    X(slice_ctrl, RSEQ_OFF_SLICE_CTRL, 4)
+#define RSEQ_ABI_CS_FIELDS(X)                          \
+    X(version, RSEQ_CS_OFF_VERSION, 4)                 \
+    X(flags, RSEQ_CS_OFF_FLAGS, 4)                     \
+    X(start_ip, RSEQ_CS_OFF_START_IP, 8)               \
+    X(post_commit_offset, RSEQ_CS_OFF_POST_COMMIT_OFFSET, 8) \
+    X(abort_ip, RSEQ_CS_OFF_ABORT_IP, 8)
+
 /* auxv keys (6.3). */
 #define RSEQ_AT_FEATURE_SIZE 27
 #define RSEQ_AT_ALIGN 28
+
+/* membarrier(2) commands that fence rseq critical sections (5.10). */
+#define RSEQ_MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ (1 << 7)
+#define RSEQ_MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ (1 << 8)
+#define RSEQ_MEMBARRIER_CMD_FLAG_CPU 1
 
 /* PTRACE_GET_RSEQ_CONFIGURATION (5.13). */
 #define RSEQ_PTRACE_GET_CONFIGURATION 0x420f
@@ -72,6 +100,18 @@
 #define RSEQ_PR_SLICE_EXTENSION_GET 1
 #define RSEQ_PR_SLICE_EXTENSION_SET 2
 #define RSEQ_PR_SLICE_EXTENSION_ENABLE 1
+
+/* System call numbers of the architecture being built, from the C library's
+ * <sys/syscall.h> (plain #defines: usable from assembly too).  rseq(2) is
+ * 4.18: headers older than that lack SYS_rseq, so the x86-64 number is
+ * supplied; elsewhere RSEQ_SYS_RSEQ stays undefined and rseq(2) answers
+ * ENOSYS. */
+#include <sys/syscall.h>
+#if defined(SYS_rseq)
+#define RSEQ_SYS_RSEQ SYS_rseq
+#elif defined(__x86_64__)
+#define RSEQ_SYS_RSEQ 334
+#endif
 
 #ifndef __ASSEMBLER__
 #include <stddef.h>

@@ -66,6 +66,9 @@ struct rseq_capi {
      * current_index() and derived every address from.  With area == NULL
      * they take the atomic fallback (never -1): words written by sequences
      * and by fallback code must not be the same words at the same time.
+     * So do they with an area whose registration was ended behind the
+     * package's back (cpu_id < 0), so that a retry loop holding that area
+     * ends; thread_area() answers NULL from then on.
      * Stores before the commit are speculative. */
     /* cpu_id_start or mm_cid; sched_getcpu() when area is NULL */
     int (*current_index)(struct rseq_abi *area, int mode);
