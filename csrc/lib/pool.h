@@ -55,6 +55,11 @@
  * stores the block is out of the stack and its owner word names the
  * previous owner, alive or not; rseq.model's pool scenario finds that leak.
  *
+ * The pop stores me | POPPING, and once committed drops the flag: an
+ * aborted pop may leave its speculative store on a block that is still on
+ * the stack, and the flag keeps a later (erroneous) free by the same process
+ * from taking that for ownership.  Flags never change whose block it is.
+ *
  * A free first marks the owner word (me | RSEQ_POOL_ON_STACK), then pushes.
  * Killed before the push commits, the block is OWNED by the dead process
  * (the mark does not change who), so reclaim() takes it back.  The mark is
@@ -113,9 +118,11 @@
 #include "percpu.h"
 
 #define RSEQ_POOL_FREE 0ULL
-#define RSEQ_POOL_ON_STACK (1ULL << 63)
+#define RSEQ_POOL_ON_STACK (1ULL << 63) /* freed onto a stack by the owner named */
+#define RSEQ_POOL_POPPING (1ULL << 62)  /* the pop's speculative store (see alloc) */
+#define RSEQ_POOL_FLAGS (RSEQ_POOL_ON_STACK | RSEQ_POOL_POPPING)
 #define RSEQ_POOL_PID_BITS 22
-#define RSEQ_POOL_START_BITS 41
+#define RSEQ_POOL_START_BITS 40 /* clock ticks: 348 years at 100 Hz */
 #define RSEQ_POOL_PID_MASK ((1ULL << RSEQ_POOL_PID_BITS) - 1)
 #define RSEQ_POOL_START_MASK ((1ULL << RSEQ_POOL_START_BITS) - 1)
 
@@ -173,7 +180,7 @@ static inline uint32_t rseq_pool_identity_pid(uint64_t owner)
 
 static inline unsigned long long rseq_pool_identity_start(uint64_t owner)
 {
-    return (owner & ~RSEQ_POOL_ON_STACK) >> RSEQ_POOL_PID_BITS;
+    return (owner & ~RSEQ_POOL_FLAGS) >> RSEQ_POOL_PID_BITS;
 }
 
 /* Field 22 of /proc/PID/stat (clock ticks since boot): 1 and *start set for
@@ -279,7 +286,11 @@ static inline uint64_t rseq_pool_next_word(uint64_t word, uint64_t count)
  * The CPU stacks (sequences only)
  * ------------------------------------------------------------------------- */
 
-/* Pop from CPU cpu's stack, recording `me` as the owner inside the sequence.
+/* Pop from CPU cpu's stack, recording `me` as the owner inside the sequence
+ * (flagged POPPING there: an aborted pop leaves that on a block still on the
+ * stack, and free() must not take it for ownership; after the commit the
+ * flag is dropped with a plain store: killed before it, the block is still
+ * the dead process's to reclaim).
  * 0 and *index set; 1 empty; -1 aborted or changed (retry); E_DAMAGED. */
 static inline int rseq_pool_pop_on(struct rseq_pool *p, struct rseq_abi *rs, uint32_t cpu,
                                    uint64_t me, uint64_t *index)
@@ -301,10 +312,12 @@ static inline int rseq_pool_pop_on(struct rseq_pool *p, struct rseq_abi *rs, uin
     RSEQ_INJECT_C(8);
     int ret = rseq_percpu_load_cbne_store_store(rs, RSEQ_INDEX_CPU_ID, (intptr_t *)word,
                                                 (intptr_t)w, (intptr_t *)&p->owners[i],
-                                                (intptr_t)me,
+                                                (intptr_t)(me | RSEQ_POOL_POPPING),
                                                 (intptr_t)rseq_pool_next_word(w, n - 1),
                                                 NULL, (int)cpu);
     if (ret == 0) {
+        /* Ours since the commit; now the plain "me" that free() accepts. */
+        __atomic_store_n(&p->owners[i], me, __ATOMIC_RELAXED);
         *index = i;
         return 0;
     }
@@ -533,7 +546,7 @@ static inline int rseq_pool_free(struct rseq_pool *p, struct rseq_abi *rs, uint6
     uint64_t owner = __atomic_load_n(&p->owners[i], __ATOMIC_RELAXED);
     if (__builtin_expect(owner != me, 0)) {
         *owner_out = owner;
-        return owner == RSEQ_POOL_FREE || owner == (me | RSEQ_POOL_ON_STACK)
+        return owner == RSEQ_POOL_FREE || (owner & ~RSEQ_POOL_FLAGS) == me
                    ? RSEQ_POOL_E_FREED : RSEQ_POOL_E_NOT_OWNER;
     }
     /* Mark first (a plain store: nobody else writes the word of a block we
@@ -567,7 +580,7 @@ static inline int rseq_pool_give(struct rseq_pool *p, uint64_t me, uint64_t i, u
     if (!__atomic_compare_exchange_n(&p->owners[i], &expect, target, 0, __ATOMIC_ACQ_REL,
                                      __ATOMIC_RELAXED)) {
         *owner_out = expect;
-        return expect == RSEQ_POOL_FREE || expect == (me | RSEQ_POOL_ON_STACK)
+        return expect == RSEQ_POOL_FREE || (expect & ~RSEQ_POOL_FLAGS) == me
                    ? RSEQ_POOL_E_FREED : RSEQ_POOL_E_NOT_OWNER;
     }
     return 0;
@@ -625,7 +638,7 @@ static inline int rseq_pool_census(struct rseq_pool *p, int reclaim,
     /* 1. Who is dead: decided before the stacks are scanned (see the top). */
     uint64_t distinct = 0;
     for (uint64_t i = 0; i < n; i++) {
-        uint64_t o = __atomic_load_n(&p->owners[i], __ATOMIC_ACQUIRE) & ~RSEQ_POOL_ON_STACK;
+        uint64_t o = __atomic_load_n(&p->owners[i], __ATOMIC_ACQUIRE) & ~RSEQ_POOL_FLAGS;
         if (o == RSEQ_POOL_FREE)
             continue;
         signed char *alive = rseq_pool_owner_slot(&t, o);
@@ -667,7 +680,7 @@ static inline int rseq_pool_census(struct rseq_pool *p, int reclaim,
             }
             continue;
         }
-        uint64_t id = o & ~RSEQ_POOL_ON_STACK;
+        uint64_t id = o & ~RSEQ_POOL_FLAGS;
         uint64_t h = (id * 0x9e3779b97f4a7c15ULL) & (t.size - 1);
         int alive = 1;
         while (t.keys[h] != 0) {

@@ -187,7 +187,8 @@ static PyObject *owner_text(uint64_t owner)
         return PyUnicode_FromString("it is free");
     return PyUnicode_FromFormat("%s process %u (started at clock tick %llu)",
                                 owner & RSEQ_POOL_ON_STACK ? "it was freed by"
-                                                           : "it is owned by",
+                                : owner & RSEQ_POOL_POPPING ? "it is being taken by"
+                                                            : "it is owned by",
                                 rseq_pool_identity_pid(owner),
                                 rseq_pool_identity_start(owner));
 }
@@ -460,7 +461,7 @@ static PyObject *pool_map_owner(PoolMapObject *m, PyObject *arg)
         return pool_error(m, RSEQ_POOL_E_RANGE, index, 0, "owner");
     uint64_t o = __atomic_load_n(&m->pool.owners[index], __ATOMIC_ACQUIRE);
     return Py_BuildValue("(IKO)", rseq_pool_identity_pid(o), rseq_pool_identity_start(o),
-                         o & RSEQ_POOL_ON_STACK ? Py_True : Py_False);
+                         o & RSEQ_POOL_FLAGS ? Py_True : Py_False);
 }
 
 /* Every owner word as (pid, start) with the free mark, and the indexes on
@@ -472,7 +473,7 @@ static PyObject *pool_map_owners(PoolMapObject *m, PyObject *Py_UNUSED(unused))
         return NULL;
     for (uint64_t i = 0; i < m->pool.block_count; i++) {
         uint64_t o = __atomic_load_n(&m->pool.owners[i], __ATOMIC_RELAXED);
-        if (o == RSEQ_POOL_FREE || (o & RSEQ_POOL_ON_STACK))
+        if (o == RSEQ_POOL_FREE || (o & RSEQ_POOL_FLAGS))
             continue;
         PyObject *key = Py_BuildValue("(IK)", rseq_pool_identity_pid(o),
                                       rseq_pool_identity_start(o));

@@ -652,3 +652,19 @@ def test_lost_registration_moves_to_the_overflow(path, pool):
     assert got["clashes"] == 0 and got["normal"] == 0
     assert got["fallback"], got
     assert got["exact"] is None
+
+
+def test_aborted_pop_is_not_ownership(path, pool):
+    """An aborted pop may leave its speculative owner store (me | POPPING) on
+    a block still on a stack: a double free of that block by the same
+    process must still raise, not push it twice."""
+    i = pool.alloc_index()
+    pool.free(i)
+    layout = pool._layout
+    pid, started = pool._map.identity()
+    popping = (1 << 62) | (started << 22) | pid
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), 0) as raw:
+        struct.pack_into("<Q", raw, layout.owners_offset + 8 * i, popping)
+    with pytest.raises(rseq.PoolOwnershipError, match="being taken by"):
+        pool.free(i)
+    assert pool_exact(pool) is None

@@ -4,7 +4,8 @@ any instant.
 
 Memory: per CPU a stack word (generation << 8 | count) and CACHE slots of
 block numbers; per block an owner word (0: free in the overflow; a thread id;
-with MARK: freed onto a stack by that thread).  T1 is a process that may be
+with MARK: freed onto a stack by that thread; with POPPING: the pop's
+speculative store, dropped after the commit).  T1 is a process that may be
 SIGKILLed at any instant, inside critical sections too (a `Choose` after
 each of its stores: the explorer takes every branch).  At the end the
 dead process's blocks are reclaimed as pool.h's reclaim() does (owner word
@@ -27,6 +28,7 @@ from ._scenarios import Scenario, ThreadSpec, _add
 CACHE = 2           # slots per CPU stack
 BLOCKS = (1, 2, 3)  # block numbers (0 means none)
 MARK = 0x100        # owner-word flag: freed onto a stack
+POPPING = 0x200     # owner-word flag: the pop's speculative store
 FREE = 0
 
 OK, EMPTY, FULL, RETRY, KILLED = "ok", "empty", "full", "retry", "killed"
@@ -99,7 +101,7 @@ def _pop(ctx: Context, cpu: int, broken: bool):
         if current != w:
             return RETRY, 0
         if not broken:
-            yield Store(_owner(ctx, b), me, size=8, ip=cs.ip(2))
+            yield Store(_owner(ctx, b), me | POPPING, size=8, ip=cs.ip(2))
             if (yield from _dies(ctx, cs.ip(3))):
                 return KILLED, 0
         yield Store(_word(ctx, cpu), (((w >> 8) + 1) << 8) | (n - 1), size=8, ip=cs.ip(3),
@@ -108,10 +110,10 @@ def _pop(ctx: Context, cpu: int, broken: bool):
         return RETRY, 0
     if (yield from _dies(ctx)):
         return KILLED, 0
-    if broken:
-        yield Store(_owner(ctx, b), me, size=8)
-        if (yield from _dies(ctx)):
-            return KILLED, 0
+    # Broken: the owner is recorded only now.  Correct: the flag is dropped.
+    yield Store(_owner(ctx, b), me, size=8)
+    if (yield from _dies(ctx)):
+        return KILLED, 0
     return OK, b
 
 
