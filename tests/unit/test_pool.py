@@ -658,6 +658,8 @@ def test_aborted_pop_is_not_ownership(path, pool):
     """An aborted pop may leave its speculative owner store (me | POPPING) on
     a block still on a stack: a double free of that block by the same
     process must still raise, not push it twice."""
+    if not rseq.info().critical_sections:
+        pytest.skip("no critical sections here: blocks never sit on CPU stacks")
     i = pool.alloc_index()
     pool.free(i)
     layout = pool._layout
