@@ -108,7 +108,12 @@ def test_cli_conformance_json(capsys, report):
 
 def test_python_dash_m_entry_points():
     env = dict(os.environ)
-    for argv in (["-m", "rseq.model", "check", "counter-plain"], ["-m", "rseq", "model", "check", "counter-plain"]):
-        proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120)
+    for argv in (
+        ["-m", "rseq.model", "check", "counter-plain"],
+        ["-m", "rseq", "model", "check", "counter-plain"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, env=env, timeout=120
+        )
         assert proc.returncode == 1, proc.stderr
         assert "VIOLATED" in proc.stdout

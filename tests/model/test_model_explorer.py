@@ -15,7 +15,12 @@ def test_seed_replays_identically():
     a = random_walk("list-pop-cas", seed=7, runs=3000)
     b = random_walk("list-pop-cas", seed=7, runs=3000)
     assert not a.holds
-    assert (a.schedule, a.trace, a.runs, a.transitions) == (b.schedule, b.trace, b.runs, b.transitions)
+    assert (a.schedule, a.trace, a.runs, a.transitions) == (
+        b.schedule,
+        b.trace,
+        b.runs,
+        b.transitions,
+    )
 
 
 def test_explore_with_seed_is_random_mode():
@@ -78,8 +83,19 @@ def test_result_json_round_trip():
     assert back["schedule"] and back["trace"]
 
 
-@pytest.mark.parametrize("name", ["counter", "counter-plain", "list-pop-rseq", "list-pop-cas",
-                                  "adaptive-mutex", "spin-mutex", "time-slice", "two-libs-no-refcount"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "counter",
+        "counter-plain",
+        "list-pop-rseq",
+        "list-pop-cas",
+        "adaptive-mutex",
+        "spin-mutex",
+        "time-slice",
+        "two-libs-no-refcount",
+    ],
+)
 def test_reduction_keeps_the_verdict(name):
     # the partial-order reduction and the pruning of invisible preemptions
     # must not change what the explorer concludes

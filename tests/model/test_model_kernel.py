@@ -198,4 +198,8 @@ def test_membarrier_rseq_fence_aborts_other_threads():
     assert v.sys_membarrier(m, caller, _abi.MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ) == 0
     assert v.sys_membarrier(m, caller, _abi.MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ) == 0
     assert results == [-1]
-    assert VARIANTS["freebsd-2021"].sys_membarrier(m, caller, _abi.MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ) == -_abi.EINVAL
+    freebsd = VARIANTS["freebsd-2021"]
+    assert (
+        freebsd.sys_membarrier(m, caller, _abi.MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ)
+        == -_abi.EINVAL
+    )

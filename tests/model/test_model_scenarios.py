@@ -85,12 +85,17 @@ def test_list_pop_rseq_survives_the_aba_schedule():
     assert result.holds
     schedule = ["step T1"] * 4 + ["preempt cpu0 T2", "preempt cpu0 T1"]
     replayed = replay("list-pop-rseq", schedule)
-    assert any("T1 was inside load_cbeq_store_add_load_store" in line for line in replayed.trace), replayed.trace
+    assert any(
+        "T1 was inside load_cbeq_store_add_load_store" in line for line in replayed.trace
+    ), replayed.trace
 
 
 def test_two_libraries_violation_names_the_unregistering_library():
     result = explore("two-libs-no-refcount")
-    assert "after libB unregistered it" in result.violation or "after libA unregistered it" in result.violation
+    assert (
+        "after libB unregistered it" in result.violation
+        or "after libA unregistered it" in result.violation
+    )
 
 
 def test_interposed_area_write_is_reported_with_its_field():

@@ -28,9 +28,9 @@ from ._program import (
     rseq_register,
     rseq_unregister,
 )
-from ._scenarios import SCENARIOS, Scenario, ThreadSpec
-from ._variants import VARIANTS, Variant
 from .conformance import CASES, conformance
+from .scenarios import SCENARIOS, Scenario, ThreadSpec
+from .variants import VARIANTS, Variant
 
 __all__ = [
     "Abort",

@@ -164,7 +164,7 @@ def _bounds(scenario, preemptions, migrations, signals) -> dict[str, int]:
 
 
 def _resolve(scenario, variant):
-    from ._scenarios import SCENARIOS
+    from .scenarios import SCENARIOS
 
     if isinstance(scenario, str):
         if scenario not in SCENARIOS:

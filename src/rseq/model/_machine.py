@@ -1,6 +1,6 @@
 """The model machine: memory, CPUs, threads, the scheduler's moves, and the
 generic half of the kernel (return to user space, faults, kills).  What is
-specific to an ABI design lives in the variant (``_variants``).
+specific to an ABI design lives in the variant (``variants``).
 
 A machine's whole state is plain data (dicts of ints, tuples) plus each
 thread's generator stack.  ``snapshot()``/``restore()`` save and load the
@@ -66,7 +66,18 @@ class Killed(Exception):
 
 
 class Thread:
-    __slots__ = ("tid", "name", "program", "ctx", "k", "stack", "history", "handler", "_fkey", "private")
+    __slots__ = (
+        "tid",
+        "name",
+        "program",
+        "ctx",
+        "k",
+        "stack",
+        "history",
+        "handler",
+        "_fkey",
+        "private",
+    )
 
     def __init__(self, tid: int, name: str, program: Callable | None, ctx: Context | None):
         self.tid = tid
@@ -285,7 +296,9 @@ class Machine:
         return True
 
     # ------------------------------------------------------------ text
-    def define_sections(self, signature: int, extra: dict | None = None) -> dict[str, CriticalSection]:
+    def define_sections(
+        self, signature: int, extra: dict | None = None
+    ) -> dict[str, CriticalSection]:
         """Lay out one critical section per primitive: descriptor in
         read-only data, the instructions in the text, and the signature in
         the 4 bytes before the abort handler."""
@@ -627,12 +640,19 @@ class Machine:
         if cls is Load:
             text = f"load  {self.sym(step.addr)} -> {self.value(result)}"
         elif cls is Store:
-            text = f"store {self.sym(step.addr)} = {self.value(step.value)}" + ("   (commit)" if step.commit else "")
+            text = f"store {self.sym(step.addr)} = {self.value(step.value)}"
+            if step.commit:
+                text += "   (commit)"
         elif cls is Cas:
             ok = "ok" if result == step.expected else f"failed, found {self.value(result)}"
-            text = f"cas   {self.sym(step.addr)} {self.value(step.expected)} -> {self.value(step.new)}   ({ok})"
+            text = (
+                f"cas   {self.sym(step.addr)} {self.value(step.expected)} "
+                f"-> {self.value(step.new)}   ({ok})"
+            )
         elif cls is Syscall:
-            args = ", ".join(hex(a) if isinstance(a, int) and a > 4096 else str(a) for a in step.args)
+            args = ", ".join(
+                hex(a) if isinstance(a, int) and a > 4096 else str(a) for a in step.args
+            )
             text = f"syscall {step.name}({args})"
         elif cls is Mark:
             text = f"mark  {step.label}" + (f" {step.arg}" if step.arg is not None else "")

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import _abi
 from ._machine import Killed, Machine
-from ._variants import VARIANTS
+from .variants import VARIANTS
 
 SIG = _abi.SIGNATURE_X86
 OTHER_SIG = 0x12345678

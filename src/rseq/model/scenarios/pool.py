@@ -21,9 +21,9 @@ so nobody frees it (or reclaim frees it under a live holder).
 
 from __future__ import annotations
 
-from ._machine import Machine
-from ._program import Abort, Cas, Choose, Context, Load, Store, _enter, current_cpu
-from ._scenarios import Scenario, ThreadSpec, _add
+from .._machine import Machine
+from .._program import Abort, Cas, Choose, Context, Load, Store, _enter, current_cpu
+from ._base import Scenario, ThreadSpec
 
 CACHE = 2           # slots per CPU stack
 BLOCKS = (1, 2, 3)  # block numbers (0 means none)
@@ -271,7 +271,7 @@ def _check_final(m: Machine) -> str | None:
 
 _SECTIONS = {"pool_pop": 4, "pool_push": 4}
 
-_add(
+SCENARIOS = (
     Scenario(
         name="pool",
         title="rseq.Pool per-CPU stack pop/push and overflow refill, killed at any instant",
@@ -289,10 +289,7 @@ _add(
         bounds={"preemptions": 1, "migrations": 0, "signals": 0},
         extra_sections=_SECTIONS,
         pair="pool-owner-after-commit",
-    )
-)
-
-_add(
+    ),
     Scenario(
         name="pool-owner-after-commit",
         title="rseq.Pool pop that commits before recording the owner (broken)",
@@ -307,5 +304,5 @@ _add(
         bounds={"preemptions": 1, "migrations": 0, "signals": 0},
         extra_sections=_SECTIONS,
         pair="pool",
-    )
+    ),
 )
