@@ -137,6 +137,10 @@
  * registration never gets that far: RSEQ_PERCPU_USE_CS refuses it.) */
 #define RSEQ_POOL_MAX_ABORTS RSEQ_PERCPU_MAX_ABORTS
 
+/* The fast path (pop, push, alloc, free) inlined into its callers: the
+ * binding's alloc_index() and free() are one sequence each plus the call. */
+#define RSEQ_POOL_HOT __attribute__((always_inline))
+
 /* Results of the operations (negative: nothing was done). */
 #define RSEQ_POOL_EMPTY (-1)        /* alloc: no free block anywhere */
 #define RSEQ_POOL_E_RANGE (-2)      /* index out of range */
@@ -292,8 +296,8 @@ static inline uint64_t rseq_pool_next_word(uint64_t word, uint64_t count)
  * flag is dropped with a plain store: killed before it, the block is still
  * the dead process's to reclaim).
  * 0 and *index set; 1 empty; -1 aborted or changed (retry); E_DAMAGED. */
-static inline int rseq_pool_pop_on(struct rseq_pool *p, struct rseq_abi *rs, uint32_t cpu,
-                                   uint64_t me, uint64_t *index)
+static inline RSEQ_POOL_HOT int rseq_pool_pop_on(struct rseq_pool *p, struct rseq_abi *rs,
+                                                 uint32_t cpu, uint64_t me, uint64_t *index)
 {
     int64_t *word = rseq_pool_word(p, cpu);
     uint64_t w = (uint64_t)__atomic_load_n(word, __ATOMIC_RELAXED);
@@ -330,8 +334,8 @@ static inline int rseq_pool_pop_on(struct rseq_pool *p, struct rseq_abi *rs, uin
 
 /* Push block i (owned by the caller, already marked) on CPU cpu's stack.
  * 0 pushed; 1 full; -1 aborted or changed (retry); E_DAMAGED. */
-static inline int rseq_pool_push_on(struct rseq_pool *p, struct rseq_abi *rs, uint32_t cpu,
-                                    uint64_t i)
+static inline RSEQ_POOL_HOT int rseq_pool_push_on(struct rseq_pool *p, struct rseq_abi *rs,
+                                                  uint32_t cpu, uint64_t i)
 {
     int64_t *word = rseq_pool_word(p, cpu);
     uint64_t w = (uint64_t)__atomic_load_n(word, __ATOMIC_RELAXED);
@@ -356,7 +360,7 @@ static inline int rseq_pool_push_on(struct rseq_pool *p, struct rseq_abi *rs, ui
 
 /* The CPU this thread runs on for the stacks, or -1 when it must not use
  * them (no area, no sequences on this architecture, a lost registration). */
-static inline int rseq_pool_cpu(const struct rseq_pool *p, struct rseq_abi *rs)
+static inline RSEQ_POOL_HOT int rseq_pool_cpu(const struct rseq_pool *p, struct rseq_abi *rs)
 {
     if (!RSEQ_PERCPU_USE_CS(rs))
         return -1;
@@ -514,7 +518,8 @@ static inline int64_t rseq_pool_refill(struct rseq_pool *p, struct rseq_abi *rs,
 /* Allocate a block owned by `me`: its index; RSEQ_POOL_EMPTY when no block
  * was found (run reclaim() and try again before calling the pool
  * exhausted); E_DAMAGED. */
-static inline int64_t rseq_pool_alloc(struct rseq_pool *p, struct rseq_abi *rs, uint64_t me)
+static inline RSEQ_POOL_HOT int64_t rseq_pool_alloc(struct rseq_pool *p, struct rseq_abi *rs,
+                                                    uint64_t me)
 {
     for (unsigned int tries = 0; tries < RSEQ_POOL_MAX_ABORTS; tries++) {
         int cpu = rseq_pool_cpu(p, rs);
@@ -538,8 +543,8 @@ static inline int64_t rseq_pool_alloc(struct rseq_pool *p, struct rseq_abi *rs, 
 
 /* Free block i, which `me` must own.  0 done; E_RANGE, E_FREED, E_NOT_OWNER
  * (*owner_out then holds the owner word found), E_DAMAGED. */
-static inline int rseq_pool_free(struct rseq_pool *p, struct rseq_abi *rs, uint64_t me,
-                                 uint64_t i, uint64_t *owner_out)
+static inline RSEQ_POOL_HOT int rseq_pool_free(struct rseq_pool *p, struct rseq_abi *rs,
+                                               uint64_t me, uint64_t i, uint64_t *owner_out)
 {
     if (i >= p->block_count)
         return RSEQ_POOL_E_RANGE;
