@@ -654,7 +654,8 @@ static PyObject *pool_block_enter(PoolBlockObject *b, PyObject *Py_UNUSED(unused
     return PyMemoryView_FromObject((PyObject *)b);
 }
 
-static PyObject *pool_block_exit(PoolBlockObject *b, PyObject *Py_UNUSED(args))
+static PyObject *pool_block_exit(PoolBlockObject *b, PyObject *const *Py_UNUSED(args),
+                                 Py_ssize_t Py_UNUSED(nargs))
 {
     return pool_block_free(b, NULL);
 }
@@ -671,7 +672,7 @@ static PyMethodDef pool_block_methods[] = {
      "free($self, /)\n--\n\nReturn the block to its pool (this process must own it)."},
     {"__enter__", (PyCFunction)pool_block_enter, METH_NOARGS,
      "__enter__($self, /)\n--\n\nThe block's memoryview."},
-    {"__exit__", (PyCFunction)pool_block_exit, METH_VARARGS,
+    {"__exit__", (PyCFunction)(void (*)(void))pool_block_exit, METH_FASTCALL,
      "__exit__($self, *exc, /)\n--\n\nFree the block."},
     {NULL, NULL, 0, NULL},
 };
