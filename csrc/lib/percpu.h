@@ -110,15 +110,13 @@ static inline int rseq_area_lost(const struct rseq_abi *rs)
 #include "percpu_fallback.h"
 
 #if RSEQ_ARCH_HAS_CS
-/* One arch file per architecture with tested critical sections; it #errors
- * unless included from here.  arch.h may name it (RSEQ_ARCH_PERCPU_HEADER);
- * x86-64 is the only one today. */
+/* One arch file per architecture with tested critical sections (x86-64,
+ * arm64); it #errors unless included from here.  arch.h names it. */
 #define RSEQ_PERCPU_DISPATCH 1
-#ifdef RSEQ_ARCH_PERCPU_HEADER
-#include RSEQ_ARCH_PERCPU_HEADER
-#else
-#include "arch/percpu_x86_64.h"
+#ifndef RSEQ_ARCH_PERCPU_HEADER
+#error "the architecture header sets RSEQ_ARCH_HAS_CS without RSEQ_ARCH_PERCPU_HEADER"
 #endif
+#include RSEQ_ARCH_PERCPU_HEADER
 #undef RSEQ_PERCPU_DISPATCH
 /* A lost registration takes the fallback too (see rseq_area_lost). */
 #define RSEQ_PERCPU_USE_CS(rs) ((rs) != NULL && !rseq_area_lost(rs))

@@ -54,7 +54,8 @@ class Info:
     #: How ``prctl(PR_RSEQ_SLICE_EXTENSION, GET)`` answered: "enabled",
     #: "disabled" or an errno name ("EINVAL" before Linux 7.0).
     slice_extension_prctl: str
-    #: Architecture of the critical sections ("x86_64", or "generic").
+    #: Architecture of the critical sections ("x86_64", "aarch64", or "generic":
+    #: no critical sections, every per-CPU operation on the atomic fallback).
     arch: str
     #: Per-CPU operations run as real critical sections (else: fallback).
     critical_sections: bool

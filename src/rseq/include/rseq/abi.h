@@ -103,14 +103,16 @@
 
 /* System call numbers of the architecture being built, from the C library's
  * <sys/syscall.h> (plain #defines: usable from assembly too).  rseq(2) is
- * 4.18: headers older than that lack SYS_rseq, so the x86-64 number is
- * supplied; elsewhere RSEQ_SYS_RSEQ stays undefined and rseq(2) answers
- * ENOSYS. */
+ * 4.18: headers older than that lack SYS_rseq, so the numbers of the
+ * architectures with critical sections are supplied; elsewhere RSEQ_SYS_RSEQ
+ * stays undefined and rseq(2) answers ENOSYS. */
 #include <sys/syscall.h>
 #if defined(SYS_rseq)
 #define RSEQ_SYS_RSEQ SYS_rseq
 #elif defined(__x86_64__)
 #define RSEQ_SYS_RSEQ 334
+#elif defined(__aarch64__)
+#define RSEQ_SYS_RSEQ 293 /* the generic syscall table's number */
 #endif
 
 #ifndef __ASSEMBLER__
