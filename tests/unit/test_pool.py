@@ -670,3 +670,35 @@ def test_aborted_pop_is_not_ownership(path, pool):
     with pytest.raises(rseq.PoolOwnershipError, match="being taken by"):
         pool.free(i)
     assert pool_exact(pool) is None
+
+
+def test_pool_builds_with_arm64_sequences(tmp_path):
+    """pool.h uses only percpu.h's primitives, so the arm64 port covers it:
+    cross-compiled, its pop and push are real critical sections there."""
+    import shutil
+    gcc = shutil.which("aarch64-linux-gnu-gcc")
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    if not gcc or not objdump:
+        pytest.skip("no arm64 cross compiler (tests/arch/install-arm64-tools.sh installs it)")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    source = tmp_path / "pool_arm64.c"
+    source.write_text("""
+#define _GNU_SOURCE
+#include "pool.h"
+int64_t use(struct rseq_pool *p, struct rseq_abi *rs)
+{
+    uint64_t me = rseq_pool_self(), owner;
+    int64_t i = rseq_pool_alloc(p, rs, me);
+    if (i >= 0)
+        rseq_pool_free(p, rs, me, (uint64_t)i, &owner);
+    return i;
+}
+""")
+    obj = tmp_path / "pool_arm64.o"
+    subprocess.run([gcc, "-std=gnu11", "-O2", "-Wall", "-Wextra", "-Werror",
+                    "-I", os.path.join(root, "csrc", "lib"),
+                    "-I", os.path.join(root, "src", "rseq", "include"),
+                    "-c", str(source), "-o", str(obj)], check=True, capture_output=True)
+    headers = subprocess.run([objdump, "-h", str(obj)], check=True, capture_output=True,
+                             text=True).stdout
+    assert "__rseq_cs " in headers and "__rseq_failure" in headers
