@@ -576,13 +576,17 @@ class PoolKillResult:
     def line(self) -> str:
         status = "ok  " if self.ok else "FAIL"
         text = (f"  {status}  pool kill test: {self.kills} SIGKILLs of allocating processes, "
-                f"reclaim() recovered {self.reclaimed} blocks at the end "
-                f"({self.reclaimed_while_running} more while workers ran), "
+                f"reclaim() recovered {self.reclaimed} blocks at the end and "
+                f"{self.reclaimed_while_running} while workers ran (from a process "
+                f"reclaiming all the time, and the test's), "
                 f"{self.blocks} blocks all free exactly once, {self.seconds:.1f}s")
         return "\n".join([text] + [f"        problem: {p}" for p in self.problems])
 
 
-def _pool_kill_worker(path: str, seed: int, loops: int):
+def _pool_kill_worker(path: str, seed: int, loops: int, control=None):
+    """Allocate and free until killed; with ``control`` (the steady worker,
+    never killed): until control[0] is set, then free everything, set
+    control[1] and wait to be killed."""
     import rseq
 
     from .. import _inject
@@ -595,6 +599,12 @@ def _pool_kill_worker(path: str, seed: int, loops: int):
     held = []
     me = os.getpid()
     while True:
+        if control is not None and control[0]:
+            for index in held:
+                pool_map.free(index)
+            control[1] = 1
+            while True:
+                time.sleep(1)
         if len(held) < 4 and rng.random() < 0.6:
             try:
                 index = pool_map.alloc_index()
@@ -611,12 +621,16 @@ def _pool_kill_worker(path: str, seed: int, loops: int):
 
 
 def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
-                   blocks: int = 32, cache: int = 4, loops: int = 2000) -> PoolKillResult:
+                   blocks: int = 32, cache: int = 4, loops: int = 50000) -> PoolKillResult:
     """SIGKILL allocating processes at random instants (inside sequences
-    and between the overflow's steps too), reclaim() now and then while the
-    others run, and at the end: reclaim() must give back every block the
-    dead held, each free exactly once, and the pool must still serve all of
-    its blocks."""
+    and between the overflow's steps too, widened by ``loops``), with
+    another process running reclaim() all the time and a steady worker that
+    is never killed; at the end reclaim() must give back every block the
+    dead held, each free exactly once (none left owned by the live steady
+    worker), and the pool must still serve all of its blocks.  With the pop
+    that commits before it records the owner, about one run in two fails
+    here (a block left with the steady worker's stale owner word); the
+    model's pool-owner-after-commit finds it every time."""
     import rseq
     rng = random.Random(seed)
     start = time.perf_counter()
@@ -643,6 +657,30 @@ def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
             problems.append(f"worker {pid} ended by itself: status {status:#x} "
                             f"(3: it found a block with another holder)")
 
+    # A steady worker that is never killed: the blocks it frees carry its
+    # (live) identity, so a kill that left one of them out of every stack
+    # with that stale owner word (a pop that committed before it recorded
+    # the owner) would show as a block owned by a live process at the end.
+    control = memoryview(mmap.mmap(-1, 24)).cast("q")  # stop, stopped, reclaimed
+    steady = os.fork()
+    if steady == 0:
+        try:
+            _pool_kill_worker(path, seed * 100003 + 99991, loops, control)
+        finally:
+            os._exit(1)
+    # A process that runs reclaim() all the time, from outside, while the
+    # workers allocate and die: reclaim() must never free a block that a
+    # live worker holds (the workers' tags would show it).
+    reclaimer = os.fork()
+    if reclaimer == 0:
+        try:
+            other = rseq.Pool.open(path)
+            while True:
+                control[2] += other.reclaim()
+                time.sleep(0.0005)
+        finally:
+            os._exit(1)
+
     try:
         for n in range(workers):
             spawn(n)
@@ -661,10 +699,22 @@ def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
             reap(pid)
             killed += 1
         running.clear()
+        os.kill(reclaimer, signal.SIGKILL)
+        os.waitpid(reclaimer, 0)
+        reclaimer = 0
+        control[0] = 1              # the steady worker frees all it holds
+        deadline = time.monotonic() + 30
+        while not control[1] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not control[1]:
+            problems.append("the steady worker did not stop")
         reclaimed = pool.reclaim()
-        problem = pool_exact(pool)
+        problem = pool_exact(pool)  # the steady worker is still alive here
         if problem:
             problems.append(f"after reclaim(): {problem}")
+        os.kill(steady, signal.SIGKILL)
+        os.waitpid(steady, 0)
+        steady = 0
         # Still usable: every block can be allocated (none twice), then freed.
         got = [pool.alloc_index() for _ in range(blocks)]
         if sorted(got) != list(range(blocks)):
@@ -674,10 +724,10 @@ def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
         problem = pool_exact(pool)
         if problem:
             problems.append(f"after a full round: {problem}")
-        return PoolKillResult(killed, reclaimed, during, blocks, time.perf_counter() - start,
-                              problems)
+        return PoolKillResult(killed, reclaimed, during + control[2], blocks,
+                              time.perf_counter() - start, problems)
     finally:
-        for pid in running:
+        for pid in running | {p for p in (reclaimer, steady) if p}:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         pool.close()
