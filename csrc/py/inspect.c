@@ -6,6 +6,14 @@
  * interrupted into a group-stop-free ptrace stop, asked, and detached at
  * once: it never sees a signal and resumes where it was.  A signal that
  * arrives meanwhile is passed back on detach, not lost.
+ *
+ * The wait for the stop has no timeout on purpose: a thread in
+ * uninterruptible sleep (a vfork parent, state D) only stops when it wakes,
+ * and a tracer that gave up before then could not detach it (PTRACE_DETACH
+ * needs a stopped tracee), leaving it to stop for good on waking.  The bound
+ * lives one level up: rseq._inspect calls this on a helper thread and waits
+ * for it with a timeout; the helper finishes the read and detaches when the
+ * thread wakes, or the kernel detaches it when the process exits.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -86,7 +94,9 @@ const char rseq_py_thread_configuration_doc[] =
 "(address, size, signature, flags) of thread `tid`'s rseq registration, read\n"
 "with PTRACE_GET_RSEQ_CONFIGURATION; address 0 and size 0 when the thread has\n"
 "none.  Raises OSError naming the failing call (ESRCH: no such thread; EPERM:\n"
-"not allowed to trace it; EIO: the kernel lacks the request).";
+"not allowed to trace it; EIO: the kernel lacks the request).  Blocks until\n"
+"the thread reaches a ptrace stop, that is until a thread in uninterruptible\n"
+"sleep wakes: rseq._inspect.inspect_process() bounds the wait.";
 
 PyObject *rseq_py_thread_configuration(PyObject *module, PyObject *arg)
 {

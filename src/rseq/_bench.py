@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _thread
 import ctypes
+import importlib.util
 import json
 import multiprocessing
 import os
@@ -23,6 +24,7 @@ import timeit
 from collections.abc import Callable
 
 from . import _core
+from ._cli import UsageError
 
 
 def _timer(case) -> timeit.Timer:
@@ -214,26 +216,26 @@ def bench_counters(quick: bool = False) -> dict:
     rounds = 5 if quick else 15
     seconds = 0.01 if quick else 0.03
     notes = []
-    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
-        with Arena.create(os.path.join(tmp, "arena"), capacity=4) as arena:
-            shared = arena.counter("bench")
-            # Each is called as a user would, with one argument where it takes
-            # one; the lock-based ones are the smallest function a user would
-            # write around them.
-            cases = {
-                "{}.get(1) [floor]": (floor_get, "f(1)"),
-                "PerCpuCounter.add(1)": (local.add, "f(1)"),
-                "ArenaCounter.add(1)": (shared.add, "f(1)"),
-                "threading.Lock + int": (locked_int_add, "f(1)"),
-                "multiprocessing.Value + lock": (mp_value_add, "f(1)"),
-            }
-            try:
-                import atomics
-                atomic = atomics.atomic(width=8, atype=atomics.INT)
-                cases["atomics.INT.inc()"] = atomic.inc
-            except ImportError:
-                notes.append("atomics not installed (pip install atomics) to compare")
-            ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
+    with (tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp,
+          Arena.create(os.path.join(tmp, "arena"), capacity=4) as arena):
+        shared = arena.counter("bench")
+        # Each is called as a user would, with one argument where it takes
+        # one; the lock-based ones are the smallest function a user would
+        # write around them.
+        cases = {
+            "{}.get(1) [floor]": (floor_get, "f(1)"),
+            "PerCpuCounter.add(1)": (local.add, "f(1)"),
+            "ArenaCounter.add(1)": (shared.add, "f(1)"),
+            "threading.Lock + int": (locked_int_add, "f(1)"),
+            "multiprocessing.Value + lock": (mp_value_add, "f(1)"),
+        }
+        try:
+            import atomics
+            atomic = atomics.atomic(width=8, atype=atomics.INT)
+            cases["atomics.INT.inc()"] = atomic.inc
+        except ImportError:
+            notes.append("atomics not installed (pip install atomics) to compare")
+        ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
     prom = _prometheus_multiprocess_inc(rounds, seconds)
     if prom is None:
         notes.append("prometheus_client not installed (pip install prometheus_client) to compare")
@@ -458,3 +460,42 @@ def format_section(result: dict) -> str:
     for note in result.get("notes", []):
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# python -m rseq bench
+# ---------------------------------------------------------------------------
+
+def _run(args) -> int:
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # Said before minutes of measuring, not after.
+        raise UsageError("--plot needs matplotlib (pip install matplotlib)")
+    sections = args.section or list(SECTIONS)
+    results = {}
+    for name in sections:
+        results[name] = SECTIONS[name](quick=args.quick)
+        if not args.json:
+            print(format_section(results[name]), flush=True)
+            print()
+    if args.plot:
+        try:
+            plot(results, args.plot)
+        except ImportError as e:
+            raise UsageError(f"--plot needs matplotlib ({e})") from None
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    if args.json:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="side-by-side speed measurements",
+                              description="Side-by-side speed measurements: medians and "
+                                          "ratios, interleaved round by round.")
+    p.add_argument("--section", action="append", choices=sorted(SECTIONS),
+                   help="run only this section (repeatable)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", metavar="PNG", help="also write a plot (needs matplotlib)")
+    p.set_defaults(run=_run)

@@ -1,13 +1,30 @@
 """``python -m rseq inspect PID``: the rseq registration of each thread of
-another process, read with PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13)."""
+another process, read with PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13).
+
+A thread can only be read once it reaches a ptrace stop, and a thread in
+uninterruptible sleep (state D: a vfork parent waiting for its child, a
+process stuck on a dead NFS server) does not stop until it wakes.  So each
+read runs on a helper thread and the caller waits at most ``timeout``
+seconds: a thread that has not answered by then is reported as not
+inspectable, and the caller (and Ctrl-C) is never held up.  The helper
+stays behind, blocked in ``waitpid``, and finishes the read and detaches
+the moment the thread wakes (or the kernel detaches it when this process
+exits): the inspected thread is never left stopped.
+"""
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
 import os
+import threading
 import time
 
 from . import _core
+from ._cli import UsageError, positive_float
+
+#: Seconds to wait for one thread to reach a ptrace stop.
+DEFAULT_TIMEOUT = 1.0
 
 
 class InspectError(Exception):
@@ -23,7 +40,8 @@ class ThreadRegistration:
     size: int
     signature: int
     flags: int
-    #: None, or why this thread could not be read (it exited meanwhile).
+    #: None, or why this thread could not be read ("exited" meanwhile, or
+    #: "not inspectable: ..." when it did not stop within the timeout).
     error: str | None = None
 
     @property
@@ -67,13 +85,62 @@ def _read_exiting(pid: int, tid: int, attempts: int = 20) -> tuple[int, int, int
     raise AssertionError("unreachable")
 
 
-def inspect_process(pid: int) -> list[ThreadRegistration]:
+#: Helper threads still waiting for a thread to stop, by tid: a second
+#: PTRACE_SEIZE of that tid would fail (EPERM: already traced, by us).
+_waiting: dict[int, threading.Thread] = {}
+_waiting_lock = threading.Lock()
+
+
+def _read_with_timeout(pid: int, tid: int, timeout: float) -> tuple[int, int, int, int] | None:
+    """_read_exiting(pid, tid) on a helper thread; None when it did not
+    answer within ``timeout`` seconds.  The wait is a lock acquire, which
+    Ctrl-C interrupts at once (KeyboardInterrupt)."""
+    with _waiting_lock:
+        earlier = _waiting.get(tid)
+        if earlier is not None and earlier.is_alive():
+            return None
+    outcome: list = []
+
+    def read() -> None:
+        try:
+            outcome.append(_read_exiting(pid, tid))
+        except BaseException as e:  # handed to the caller, re-raised there
+            outcome.append(e)
+        finally:
+            with _waiting_lock:
+                if _waiting.get(tid) is threading.current_thread():
+                    del _waiting[tid]
+
+    helper = threading.Thread(target=read, name=f"rseq-inspect-{tid}", daemon=True)
+    with _waiting_lock:
+        _waiting[tid] = helper
+    helper.start()
+    helper.join(timeout)
+    if not outcome:
+        return None
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
+def _not_stopping(pid: int, tid: int, timeout: float) -> str:
+    state = _task_state(pid, tid)
+    why = ("in uninterruptible sleep (state D)" if state == "D" else
+           f"state {state}" if state else "state unknown")
+    return f"not inspectable: did not stop within {timeout:g} s ({why})"
+
+
+def inspect_process(pid: int, timeout: float = DEFAULT_TIMEOUT) -> list[ThreadRegistration]:
     """Each thread of process ``pid`` with its registration, the main
     thread first.
 
+    A thread that does not reach a ptrace stop within ``timeout`` seconds
+    (uninterruptible sleep) is listed with ``error`` "not inspectable: ...".
     Raises InspectError for a process that does not exist, that we may not
     trace, or a kernel without the ptrace request.
     """
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0, got {timeout}")
     if pid <= 0:
         raise InspectError(f"not a process id: {pid}")
     if pid == os.getpid():
@@ -92,7 +159,7 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
     for tid in tids:
         name = _thread_name(pid, tid)
         try:
-            address, size, signature, flags = _read_exiting(pid, tid)
+            answer = _read_with_timeout(pid, tid, timeout)
         except OSError as e:
             if e.errno == errno.ESRCH and threads:
                 # The thread exited between listing and reading.
@@ -117,7 +184,11 @@ def inspect_process(pid: int) -> list[ThreadRegistration]:
                 raise InspectError(f"permission denied: cannot ptrace process {pid} "
                                    f"({e.strerror}{hint})") from None
             raise InspectError(str(e)) from None
-        threads.append(ThreadRegistration(tid, name, address, size, signature, flags))
+        if answer is None:
+            threads.append(ThreadRegistration(tid, name, 0, 0, 0, 0,
+                                              _not_stopping(pid, tid, timeout)))
+            continue
+        threads.append(ThreadRegistration(tid, name, *answer))
     if threads and all(t.error for t in threads) and _task_state(pid, pid) in ("Z", "X"):
         raise InspectError(f"process {pid} has exited (a zombie its parent has not "
                            "reaped yet): no thread left to inspect")
@@ -136,3 +207,34 @@ def format_table(pid: int, threads: list[ThreadRegistration]) -> str:
             lines.append(f"  {t.tid:>8}  {t.name:<16} {t.address:#18x}  {t.size:>4}  "
                          f"{t.signature:#010x}  {t.flags:#x}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# python -m rseq inspect
+# ---------------------------------------------------------------------------
+
+def _run(args) -> int:
+    try:
+        threads = inspect_process(args.pid, timeout=args.timeout)
+    except InspectError as e:
+        raise UsageError(str(e)) from None
+    if args.json:
+        print(json.dumps({"pid": args.pid, "threads": [t.as_dict() for t in threads]},
+                         indent=2))
+    else:
+        print(format_table(args.pid, threads))
+    return 0
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser(
+        "inspect", help="each thread's registration in another process",
+        description="Each thread of process PID with its rseq registration, read with "
+                    "PTRACE_GET_RSEQ_CONFIGURATION (Linux 5.13).")
+    p.add_argument("pid", type=int)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help="how long to wait for each thread to stop; a thread in "
+                        f"uninterruptible sleep is reported as not inspectable (default "
+                        f"{DEFAULT_TIMEOUT:g})")
+    p.set_defaults(run=_run)

@@ -398,7 +398,8 @@ def format_stats(pool: Pool, stats: PoolStats) -> str:
 
 def _run_stats(args) -> int:
     import json
-    import sys
+
+    from ._cli import UsageError
     try:
         with Pool.open(args.name, readonly=True, trust=args.trust) as pool:
             stats = pool.stats()
@@ -408,36 +409,22 @@ def _run_stats(args) -> int:
             else:
                 print(format_stats(pool, stats))
     except (OSError, _core.ArenaFormatError, ValueError) as e:
-        text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        print(f"python -m rseq pool stats: {text}", file=sys.stderr)
-        return 2
+        raise UsageError(e.strerror if isinstance(e, OSError) and e.strerror else str(e)) \
+            from None
     return 0
 
 
 def add_subcommand(subparsers) -> None:
-    """``pool stats NAME``: the one-argparse-tree hook of ``rseq._cli``."""
+    """``pool stats NAME``: this module's part of ``rseq._cli``'s tree."""
     parser = subparsers.add_parser("pool", help="look at a shared-memory rseq.Pool",
                                    description="Look at a shared-memory rseq.Pool.")
-    actions = parser.add_subparsers(dest="pool_command", required=True)
+    actions = parser.add_subparsers(dest="pool_command", required=True, metavar="SUBCOMMAND")
     stats = actions.add_parser("stats", help="free per CPU, in the overflow, allocated, "
                                "owned by live and by dead processes",
                                description="Free blocks per CPU and in the overflow, "
                                "allocated blocks and who owns them (opened read-only).")
     stats.add_argument("name", help="the pool's name (in /dev/shm) or path")
     stats.add_argument("--json", action="store_true", help="the fields of rseq.PoolStats")
-    stats.add_argument("--trust", help="accept a file owned by this user (see Pool.open)")
-    stats.set_defaults(run=_run_stats, func=_run_stats)
-
-
-def cli_main(argv: list[str]) -> int:
-    """``python -m rseq pool ...`` until the one argparse tree takes it."""
-    import argparse
-
-    class _OneLine(argparse.ArgumentParser):
-        def error(self, message: str):
-            self.exit(2, f"{self.prog}: error: {message}\n")
-
-    parser = _OneLine(prog="python -m rseq")
-    add_subcommand(parser.add_subparsers(dest="command", parser_class=_OneLine))
-    args = parser.parse_args(["pool", *argv])
-    return args.run(args)
+    stats.add_argument("--trust", metavar="WHO",
+                       help="accept a file owned by this user (see Pool.open)")
+    stats.set_defaults(run=_run_stats)

@@ -1,5 +1,6 @@
 """The command line: ``python -m rseq``, ``info [--json]``, ``bench --json``
-and its error handling (one line, exit status 2)."""
+and its error handling: one argparse tree, and every user error on every
+subcommand is one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import pytest
 
 import rseq
 from helpers.subproc import OWN_REGISTRATION, run_json, run_rseq_cli
+from rseq import _cli
 
 INFO_FIELDS = [f.name for f in dataclasses.fields(rseq.Info)]
 
@@ -113,3 +115,97 @@ def test_usage_errors_are_one_line(argv, fragment):
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "pool"]
+
+
+def test_help_lists_every_subcommand():
+    proc = run_rseq_cli("-h")
+    assert proc.returncode == 0 and proc.stderr == ""
+    listed = proc.stdout.split("subcommands:", 1)[1].split()
+    for name in SUBCOMMANDS:
+        assert name in listed, proc.stdout
+    # One tree: every module in the registry added exactly its subcommand.
+    parser = _cli.build_parser()
+    choices = next(a for a in parser._actions if a.choices and "info" in a.choices).choices
+    assert list(choices) == SUBCOMMANDS
+
+
+# (argv, fragment): a bad flag and a bad value for each subcommand, at
+# every level of nesting.
+BAD_INPUT = [
+    (["--bogus"], "python -m rseq: error: unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["info", "--bogus"], "python -m rseq info: error: unrecognized arguments: --bogus"),
+    (["info", "extra"], "unrecognized arguments: extra"),
+    (["inspect", "1", "--bogus"], "python -m rseq inspect: error: unrecognized arguments"),
+    (["inspect", "abc"], "invalid int value: 'abc'"),
+    (["inspect"], "the following arguments are required: pid"),
+    (["inspect", "1", "--timeout", "0"], "argument --timeout: must be a finite number > 0"),
+    (["inspect", "1", "--timeout", "soon"], "argument --timeout: invalid float value"),
+    (["bench", "--bogus"], "python -m rseq bench: error: unrecognized arguments: --bogus"),
+    (["bench", "--section", "nope"], "invalid choice: 'nope'"),
+    (["stress", "--bogus"], "python -m rseq stress: error: unrecognized arguments: --bogus"),
+    (["stress", "--kills", "-1"], "argument --kills: must be a positive integer (>= 1), got -1"),
+    (["stress", "--kills", "0"], "argument --kills: must be a positive integer (>= 1), got 0"),
+    (["stress", "--kills", "many"], "argument --kills: invalid int value: 'many'"),
+    (["stress", "--index", "node"], "argument --index: invalid choice: 'node'"),
+    (["model"], "python -m rseq model: error: the following arguments are required"),
+    (["model", "--bogus"], "python -m rseq model: error: "),
+    (["model", "frobnicate"], "python -m rseq model: error: argument SUBCOMMAND: invalid choice"),
+    (["model", "list", "--bogus"], "python -m rseq model list: error: unrecognized arguments"),
+    (["model", "check", "counter", "--bogus"],
+     "python -m rseq model check: error: unrecognized arguments: --bogus"),
+    (["model", "check", "counter", "--runs", "-1"], "argument --runs: must be an integer >= 0"),
+    (["model", "check", "counter", "--max-states", "0"], "argument --max-states: must be a "
+                                                         "positive integer"),
+    (["model", "check", "nope"], "python -m rseq model check: error: unknown scenario 'nope'"),
+    (["model", "conformance", "--bogus"], "python -m rseq model conformance: error: unrecognized"),
+    (["model", "conformance", "--case", "nope"], "unknown case 'nope'"),
+    (["pool"], "python -m rseq pool: error: the following arguments are required: SUBCOMMAND"),
+    (["pool", "frobnicate"], "python -m rseq pool: error: argument SUBCOMMAND: invalid choice"),
+    (["pool", "stats"], "python -m rseq pool stats: error: the following arguments are required"),
+    (["pool", "stats", "/nonexistent/pool", "--bogus"], "unrecognized arguments: --bogus"),
+    (["pool", "stats", "/nonexistent/pool"], "python -m rseq pool stats: error: no pool"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", BAD_INPUT, ids=lambda v: " ".join(v)
+                         if isinstance(v, list) else "")
+def test_every_user_error_is_one_line_and_exit_2(argv, fragment, capsys):
+    assert _cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert fragment in err
+    assert "Traceback" not in err and "usage:" not in err
+
+
+def test_every_subcommand_is_tested_with_bad_input():
+    tested = {argv[0] for argv, _ in BAD_INPUT if argv and argv[0] in SUBCOMMANDS}
+    assert tested == set(SUBCOMMANDS)
+    nested = {argv[1] for argv, _ in BAD_INPUT if argv[:1] == ["model"] and len(argv) > 1}
+    assert {"list", "check", "conformance"} <= nested
+
+
+def test_help_of_a_nested_subcommand_exits_0():
+    proc = run_rseq_cli("model", "check", "-h")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.startswith("usage: python -m rseq model check")
+    assert "--max-seconds" in proc.stdout and "--max-memory" in proc.stdout
+
+
+def test_usage_error_from_a_handler_names_its_subcommand():
+    proc = run_rseq_cli("stress", "--kills", "0")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == ("python -m rseq stress: error: argument --kills: must be a "
+                           "positive integer (>= 1), got 0\n")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(_cli, "_run_info", interrupted)
+    assert _cli.main(["info"]) == 130
+    assert capsys.readouterr().err == "python -m rseq info: interrupted\n"

@@ -76,9 +76,9 @@ def test_each_thread_has_its_own_area(glibc_mode):
 
 def test_node_matches_sysfs():
     for cpu in usable_cpus():
-        box = {}
+        box: dict[str, int] = {}
 
-        def read(cpu=cpu):
+        def read(cpu=cpu, box=box):
             os.sched_setaffinity(threading.get_native_id(), {cpu})
             box["cpu"], box["node"] = rseq.cpu(), rseq.node()
 

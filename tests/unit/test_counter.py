@@ -78,10 +78,10 @@ def test_value_beyond_int64():
         finally:
             os.sched_setaffinity(0, original)
 
-    t = threading.Thread(target=on, args=(cpus[0],))
-    t.start(); t.join()
-    t = threading.Thread(target=on, args=(cpus[1],))
-    t.start(); t.join()
+    for cpu in cpus[:2]:
+        t = threading.Thread(target=on, args=(cpu,))
+        t.start()
+        t.join()
     assert c.value() == 2 * INT64_MAX
     assert c.reset() == 2 * INT64_MAX
     assert c.value() == 0
@@ -199,14 +199,16 @@ def test_reset_loses_nothing_under_concurrent_adds():
 
     r1 = threading.Thread(target=resetter)
     r2 = threading.Thread(target=resetter)
-    r1.start(); r2.start()
+    r1.start()
+    r2.start()
     ts = [threading.Thread(target=adder) for _ in range(threads)]
     for t in ts:
         t.start()
     for t in ts:
         t.join()
     done.set()
-    r1.join(); r2.join()
+    r1.join()
+    r2.join()
     assert all(r >= 0 for r in removed)
     assert sum(removed) + c.value() == threads * reps
     assert c.removed() == sum(removed)

@@ -255,3 +255,122 @@ def test_kernel_without_the_ptrace_request(threaded_child, monkeypatch, capsys):
     assert out == ""
     assert err.count("\n") == 1
     assert "lacks PTRACE_GET_RSEQ_CONFIGURATION" in err and "5.13" in err
+
+
+# ------------------------------------------------------------------------
+# A thread in uninterruptible sleep: bounded wait, Ctrl-C answered at once
+# ------------------------------------------------------------------------
+
+# The main thread posix_spawn()s with a file action that opens a FIFO: glibc
+# spawns with CLONE_VFORK, so the parent waits in uninterruptible sleep
+# (state D) until the child has opened the FIFO and exec'd, that is until
+# the test opens the FIFO's other end.  A second thread stays inspectable.
+VFORK_PARENT = """
+import os, sys, threading
+fifo = sys.argv[1]
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+print(threading.get_native_id(), flush=True)
+pid = os.posix_spawn("/bin/true", ["true"], dict(os.environ),
+                     file_actions=[(os.POSIX_SPAWN_OPEN, 3, fifo, os.O_RDONLY, 0)])
+os.waitpid(pid, 0)
+print("spawned", flush=True)
+"""
+
+
+class VforkParent:
+    def __init__(self, tmp_path):
+        self.fifo = str(tmp_path / "fifo")
+        os.mkfifo(self.fifo)
+        self.proc = subprocess.Popen([sys.executable, "-c", VFORK_PARENT, self.fifo],
+                                     stdout=subprocess.PIPE, text=True, env=child_env())
+        self.pid = self.proc.pid
+        assert int(self.proc.stdout.readline()) == self.pid
+        deadline = time.monotonic() + 10
+        while _inspect._task_state(self.pid, self.pid) != "D":
+            assert time.monotonic() < deadline, "the vfork parent never slept in state D"
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        """Let the spawned child open the FIFO and exec: the parent wakes."""
+        fd = os.open(self.fifo, os.O_WRONLY)
+        os.close(fd)
+
+    def finish(self) -> int:
+        self.release()
+        out, _ = self.proc.communicate(timeout=30)
+        assert out == "spawned\n"
+        return self.proc.returncode
+
+
+@pytest.fixture
+def vfork_parent(tmp_path):
+    parent = VforkParent(tmp_path)
+    try:
+        yield parent
+    finally:
+        if parent.proc.poll() is None:
+            parent.proc.kill()
+            parent.release()
+            parent.proc.wait()
+
+
+def test_inspect_does_not_block_on_a_thread_in_state_d(vfork_parent):
+    started = time.monotonic()
+    threads = _inspect.inspect_process(vfork_parent.pid, timeout=0.5)
+    assert time.monotonic() - started < 5
+    main, idle = threads
+    assert main.tid == vfork_parent.pid and not main.registered
+    assert main.error.startswith("not inspectable: did not stop within 0.5 s")
+    assert "uninterruptible sleep (state D)" in main.error
+    assert idle.registered and idle.error is None
+    # Asked again while the first helper still waits: answered at once.
+    started = time.monotonic()
+    again = _inspect.inspect_process(vfork_parent.pid, timeout=5)
+    assert time.monotonic() - started < 2.5
+    assert again[0].error.startswith("not inspectable") and again[1].registered
+    # The target was not left stopped: once it wakes the helper finishes
+    # the read and detaches, and the process runs to its end.
+    assert vfork_parent.finish() == 0
+    deadline = time.monotonic() + 10
+    while vfork_parent.pid in _inspect._waiting:
+        assert time.monotonic() < deadline, "the helper thread never finished"
+        time.sleep(0.01)
+
+
+def test_inspect_cli_reports_a_thread_in_state_d(vfork_parent):
+    proc = run_rseq_cli("inspect", str(vfork_parent.pid), "--timeout", "0.3", "--json")
+    assert proc.returncode == 0, proc.stderr
+    threads = json.loads(proc.stdout)["threads"]
+    assert "uninterruptible sleep" in threads[0]["error"] and not threads[0]["registered"]
+    assert threads[1]["registered"]
+    assert vfork_parent.finish() == 0
+
+
+def test_inspect_answers_ctrl_c_at_once(vfork_parent):
+    cli = subprocess.Popen([sys.executable, "-m", "rseq", "inspect", str(vfork_parent.pid),
+                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env=child_env())
+    try:
+        # Wait until the command has seized the sleeping thread (TracerPid
+        # names the tracing thread, a helper thread of the command).
+        deadline = time.monotonic() + 20
+        while True:
+            with open(f"/proc/{vfork_parent.pid}/status") as f:
+                tracer = int(next(line for line in f if line.startswith("TracerPid:")).split()[1])
+            if tracer and os.path.exists(f"/proc/{cli.pid}/task/{tracer}"):
+                break
+            assert cli.poll() is None and time.monotonic() < deadline, cli.stderr.read()
+            time.sleep(0.01)
+        time.sleep(0.2)
+        sent = time.monotonic()
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=10)
+        assert time.monotonic() - sent < 2
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130
+    assert out == "" and err == "python -m rseq inspect: interrupted\n"
+    # The command's exit detached the thread: it wakes and runs on.
+    assert vfork_parent.finish() == 0

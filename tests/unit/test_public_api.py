@@ -4,6 +4,7 @@ the extension module."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import inspect
 import os
@@ -24,8 +25,13 @@ README = os.path.join(REPO, "README.md")
 CORE_STUB = os.path.join(PACKAGE_DIR, "_core.pyi")
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def stub_names(path: str) -> set[str]:
-    tree = ast.parse(open(path).read())
+    tree = ast.parse(read_text(path))
     names = set()
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
@@ -41,13 +47,13 @@ def readme_api_names() -> set[str] | None:
     or None if the README has no such section yet."""
     if not os.path.exists(README):
         return None
-    text = open(README).read()
+    text = read_text(README)
     heading = re.search(r"^(#+)\s+API\s*$", text, re.MULTILINE)
     if not heading:
         return None
     level = len(heading.group(1))
     rest = text[heading.end():]
-    end = re.search(r"^#{1,%d}\s" % level, rest, re.MULTILINE)
+    end = re.search(rf"^#{{1,{level}}}\s", rest, re.MULTILINE)
     section = rest[:end.start()] if end else rest
     return set(re.findall(r"`(?:rseq\.)?([A-Za-z_][A-Za-z0-9_]*)", section))
 
@@ -95,7 +101,7 @@ def test_core_exports_are_stubbed_and_exist():
 def test_stub_signatures_match_text_signatures():
     """For each C function with a text signature, the stub has the same
     parameter names."""
-    tree = ast.parse(open(CORE_STUB).read())
+    tree = ast.parse(read_text(CORE_STUB))
     stub_functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     checked = 0
     for name, fn in stub_functions.items():
@@ -146,7 +152,7 @@ def test_typing_files_are_shipped():
 
 def test_info_is_frozen_and_complete():
     facts = rseq.info()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         facts.cpu = 3  # type: ignore[attr-defined]
     assert set(facts.as_dict()) == set(_core.info_dict())
     assert facts.has_field("cpu_id") == (facts.owner is not None)

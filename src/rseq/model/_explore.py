@@ -1,11 +1,20 @@
 """The interleaving explorer: exhaustive depth-first search bounded by the
 number of preemptions, migrations and signals, with state hashing; a random
 mode whose one seed replays exactly; and the replay of an explicit schedule
-into a trace a kernel or library developer can read."""
+into a trace a kernel or library developer can read.
+
+Every search is also bounded by resources: a number of states, seconds and
+bytes of memory (the defaults below keep even ``--preemptions 100`` to about
+a minute and a gigabyte).  A search a resource limit stopped, or that could
+not explore anything, never claims the property holds: its ``verdict`` is
+"partial" or "nothing checked" and its report says so.
+"""
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -14,6 +23,52 @@ from ._machine import Machine
 
 DEFAULT_MAX_DEPTH = 400
 DEFAULT_MAX_STATES = 2_000_000
+DEFAULT_MAX_SECONDS = 60.0
+#: Bytes the process may grow by during one search (resident memory).
+DEFAULT_MAX_MEMORY = 1 << 30
+#: States between two looks at the clock and the resident size.
+_BUDGET_EVERY = 1024
+
+VERDICTS = ("holds", "violated", "partial", "nothing checked")
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        # Elsewhere: the peak (KiB on Linux and the BSDs), which only grows.
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class _Budget:
+    """The resource limits of one search: ``spent(states)`` names the first
+    limit reached ("max_states", "max_seconds", "max_memory") or is None."""
+
+    def __init__(self, max_states: int, max_seconds: float | None, max_memory: int | None):
+        for name, value in (("max_states", max_states), ("max_seconds", max_seconds),
+                            ("max_memory", max_memory)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        self.max_states = max_states
+        self.deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        self.memory_ceiling = None if max_memory is None else _resident_bytes() + max_memory
+        self.limits = {"max_states": max_states, "max_seconds": max_seconds,
+                       "max_memory": max_memory}
+        self._countdown = _BUDGET_EVERY
+
+    def spent(self, states: int) -> str | None:
+        if states >= self.max_states:
+            return "max_states"
+        self._countdown -= 1
+        if self._countdown > 0:
+            return None
+        self._countdown = _BUDGET_EVERY
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "max_seconds"
+        if self.memory_ceiling is not None and _resident_bytes() >= self.memory_ceiling:
+            return "max_memory"
+        return None
 
 
 @dataclass
@@ -35,13 +90,35 @@ class Result:
     terminal_states: int = 0
     runs: int = 0
     depth_limited: int = 0
-    complete: bool = True  # False when max_states stopped the search
+    complete: bool = True  # False when a resource limit stopped the search
+    #: The limit that stopped it: "max_states", "max_seconds" or "max_memory".
+    stopped_by: str | None = None
     elapsed: float = 0.0
     bounds: dict[str, int] = field(default_factory=dict)
+    #: The resource limits in force (states, seconds, bytes; None: none).
+    limits: dict[str, Any] = field(default_factory=dict)
     seed: int | None = None
 
     @property
+    def verdict(self) -> str:
+        """"violated" (a trace is attached), "holds" (every execution within
+        the bounds was covered), "partial" (none of those covered violates,
+        but a resource limit stopped the search, or no execution ran to its
+        end) or "nothing checked" (not one move was explored)."""
+        if not self.holds:
+            return "violated"
+        if self.transitions == 0:
+            return "nothing checked"
+        if not self.complete or (self.terminal_states == 0 and self.mode != "replay"):
+            return "partial"
+        return "holds"
+
+    @property
     def as_expected(self) -> bool:
+        """The search reached the scenario's expected outcome (never true of
+        a partial search or one that checked nothing)."""
+        if self.verdict in ("partial", "nothing checked"):
+            return False
         return (self.expected == "holds") == self.holds
 
     @property
@@ -50,30 +127,56 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["verdict"] = self.verdict
         d["as_expected"] = self.as_expected
         d["states_per_second"] = round(self.states_per_second, 1) if self.elapsed > 0 else None
         d["elapsed"] = round(self.elapsed, 4)
         return d
+
+    def _stop_reason(self) -> str:
+        value = self.limits.get(self.stopped_by or "")
+        if self.stopped_by == "max_seconds":
+            return f"the time limit ({value:g} s, --max-seconds)"
+        if self.stopped_by == "max_memory":
+            return f"the memory limit ({value / 2**20:g} MiB, --max-memory)"
+        if self.stopped_by == "max_states":
+            return f"the state limit ({value} states, --max-states)"
+        return "a limit"
 
     def report(self) -> str:
         b = ", ".join(f"{k} {v}" for k, v in self.bounds.items())
         lines = [f"scenario {self.scenario} under {self.variant} ({self.mode}; bounds: {b})"]
         if self.seed is not None:
             lines[0] += f" seed {self.seed}"
-        if self.holds:
-            lines.append("property HOLDS in every execution covered")
-        else:
+        verdict = self.verdict
+        if verdict == "violated":
             lines.append(f"property VIOLATED: {self.violation}")
-        expect = "as expected" if self.as_expected else f"NOT as expected (expected: {self.expected})"
-        lines.append(f"outcome {expect}")
-        cover = f"covered {self.states} states, {self.transitions} transitions, {self.terminal_states} complete executions"
+        elif verdict == "holds":
+            lines.append("property HOLDS in every execution covered")
+        elif verdict == "nothing checked":
+            what = "0 runs" if self.mode == "random" and not self.runs else "no move"
+            lines.append(f"NOTHING CHECKED: {what} explored (max depth "
+                         f"{self.limits.get('max_depth')}); no conclusion")
+        else:
+            why = (f"{self._stop_reason()} stopped the search" if not self.complete
+                   else "no execution ran to its end (raise --max-depth)")
+            lines.append(f"PARTIAL: no violation in what was covered, but {why}; "
+                         "no conclusion")
+        if verdict in ("partial", "nothing checked"):
+            lines.append(f"outcome unknown (expected: {self.expected})")
+        else:
+            expect = ("as expected" if self.as_expected
+                      else f"NOT as expected (expected: {self.expected})")
+            lines.append(f"outcome {expect}")
+        cover = (f"covered {self.states} states, {self.transitions} transitions, "
+                 f"{self.terminal_states} complete executions")
         if self.runs:
             cover += f", {self.runs} runs"
         lines.append(cover + f" in {self.elapsed:.2f} s ({self.states_per_second:,.0f} states/s)")
         if self.depth_limited:
             lines.append(f"note: {self.depth_limited} executions stopped at the depth bound")
-        if not self.complete:
-            lines.append("note: the state limit stopped the search; coverage is partial")
+        if not self.complete and verdict == "violated":
+            lines.append(f"note: {self._stop_reason()} stopped the search; coverage is partial")
         if not self.holds:
             lines.append("")
             lines.append(f"shortest trace found ({len(self.schedule)} moves):")
@@ -173,7 +276,8 @@ def _resolve(scenario, variant):
     variant = variant or scenario.default_variant
     if variant not in scenario.variants:
         raise ValueError(
-            f"scenario {scenario.name} does not run under {variant}; it runs under {', '.join(scenario.variants)}"
+            f"scenario {scenario.name} does not run under {variant}; "
+            f"it runs under {', '.join(scenario.variants)}"
         )
     return scenario, variant
 
@@ -192,19 +296,29 @@ def explore(
     runs: int = 2000,
     max_depth: int = DEFAULT_MAX_DEPTH,
     max_states: int = DEFAULT_MAX_STATES,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
     stop_at_first: bool = False,
     reduce: bool = True,
 ) -> Result:
     """Check ``scenario`` under ``variant``.  Exhaustive depth-first search
     within the bounds; with ``seed``, ``runs`` random executions instead
     (see :func:`random_walk`).  ``reduce=False`` turns the partial-order
-    reduction off (for cross-checking it)."""
+    reduction off (for cross-checking it).
+
+    ``max_states``, ``max_seconds`` and ``max_memory`` (bytes of growth;
+    None: no limit) stop a search that would not end in reasonable time or
+    memory: the result is then ``complete=False``, verdict "partial"."""
     if seed is not None:
         return random_walk(
             scenario, variant, seed=seed, runs=runs, preemptions=preemptions,
             migrations=migrations, signals=signals, max_depth=max_depth,
+            max_states=max_states, max_seconds=max_seconds, max_memory=max_memory,
         )
+    if max_depth < 0:
+        raise ValueError(f"max_depth must be >= 0, got {max_depth}")
     scenario, variant = _resolve(scenario, variant)
+    budget = _Budget(max_states, max_seconds, max_memory)
     bounds = _bounds(scenario, preemptions, migrations, signals)
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
     use_signals = bounds["signals"] > 0
@@ -218,7 +332,7 @@ def explore(
     stack = [(root, root_key, 0)]
     transitions = terminal = depth_limited = 0
     best: tuple[list[tuple], str] | None = None
-    complete = True
+    stopped_by: str | None = None
 
     def path_to(key) -> list[tuple]:
         path = []
@@ -260,12 +374,13 @@ def explore(
             if child in parent:
                 continue
             parent[child] = (key, move)
-            if len(parent) >= max_states:
-                complete = False
+            stopped_by = budget.spent(len(parent))
+            if stopped_by is not None:
                 stack.clear()
                 break
             stack.append((m.snapshot(), child, depth + 1))
 
+    complete = stopped_by is None
     if best is not None and complete and len(parent) <= SHORTEST_SEARCH_STATES:
         shorter = _shortest(scenario, variant, limits, use_signals, len(best[0]) - 1)
         if shorter is not None:
@@ -282,8 +397,10 @@ def explore(
         terminal_states=terminal,
         depth_limited=depth_limited,
         complete=complete,
+        stopped_by=stopped_by,
         elapsed=elapsed,
         bounds=bounds,
+        limits=dict(budget.limits, max_depth=max_depth),
     )
     if best is not None:
         _attach_trace(result, scenario, variant, best[0], bounds)
@@ -331,11 +448,18 @@ def random_walk(
     migrations: int | None = None,
     signals: int | None = None,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    max_states: int = DEFAULT_MAX_STATES,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+    max_memory: int | None = DEFAULT_MAX_MEMORY,
 ) -> Result:
     """``runs`` random executions, every choice drawn from one
     ``random.Random(seed)``: the same seed replays the same executions.
-    Stops at the first violation."""
+    Stops at the first violation, or when ``max_states`` distinct states
+    were seen, or at the time or memory limit (then ``complete=False``)."""
+    if runs < 0 or max_depth < 0:
+        raise ValueError(f"runs and max_depth must be >= 0, got {runs}, {max_depth}")
     scenario, variant = _resolve(scenario, variant)
+    budget = _Budget(max_states, max_seconds, max_memory)
     bounds = _bounds(scenario, preemptions, migrations, signals)
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
     use_signals = bounds["signals"] > 0
@@ -344,10 +468,13 @@ def random_walk(
     seen: set = set()
     transitions = terminal = depth_limited = 0
     failing: tuple[list[tuple], str] | None = None
+    stopped_by: str | None = None
     done = 0
     m = scenario.build(variant)
     root = m.snapshot()
     for _ in range(runs):
+        if stopped_by is not None:
+            break
         done += 1
         m.restore(root)
         path: list[tuple] = []
@@ -368,6 +495,9 @@ def random_walk(
             if msg is not None:
                 failing = (path, msg)
                 break
+            stopped_by = budget.spent(len(seen))
+            if stopped_by is not None:
+                break
         if failing is not None:
             break
     elapsed = time.perf_counter() - started
@@ -382,8 +512,11 @@ def random_walk(
         terminal_states=terminal,
         runs=done,
         depth_limited=depth_limited,
+        complete=stopped_by is None,
+        stopped_by=stopped_by,
         elapsed=elapsed,
         bounds=bounds,
+        limits=dict(budget.limits, max_depth=max_depth, runs=runs),
         seed=seed,
     )
     if failing is not None:

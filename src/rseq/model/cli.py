@@ -1,52 +1,38 @@
 """``python -m rseq model``: list, check and conformance.
 
+The ``model`` subcommand of the one ``python -m rseq`` argparse tree (see
+rseq._cli for how a subcommand plugs in); ``python -m rseq.model ARGS`` is
+the same as ``python -m rseq model ARGS``.
+
 Exit status: 0 when the property holds (or the command succeeded), 1 when
 it is violated (a trace is printed) or the model and the kernel disagree,
-2 on bad usage (one line on stderr).
+2 on bad usage (one line on stderr), 3 when a check is inconclusive:
+nothing was checked (``--max-depth 0``, ``--runs 0``) or a limit (states,
+seconds, memory) stopped the search first; the report then says PARTIAL or
+NOTHING CHECKED, never HOLDS.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from collections.abc import Sequence
 
+from .._cli import UsageError, non_negative_int, positive_float, positive_int
+from .._cli import main as _cli_main
+from . import SCENARIOS, VARIANTS, explore, replay
+from ._explore import (
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_MAX_STATES,
+)
+from .conformance import CASES, conformance
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump, exit 2
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rseq model", description="The executable rseq ABI model.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    ls = sub.add_parser("list", help="variants and scenarios")
-    ls.add_argument("--json", action="store_true")
-    ck = sub.add_parser("check", help="explore a scenario's interleavings")
-    ck.add_argument("scenario")
-    ck.add_argument("--variant", "-V")
-    ck.add_argument("--preemptions", "-k", type=int)
-    ck.add_argument("--migrations", type=int)
-    ck.add_argument("--signals", type=int)
-    ck.add_argument("--seed", type=int, help="random mode: RUNS random executions from this seed")
-    ck.add_argument("--runs", type=int, default=2000)
-    ck.add_argument("--max-depth", type=int, default=400)
-    ck.add_argument("--max-states", type=int, default=2_000_000)
-    ck.add_argument("--schedule", help="replay one schedule: moves separated by commas")
-    ck.add_argument("--json", action="store_true")
-    cf = sub.add_parser("conformance", help="registration cases: this kernel against the linux-6.3 model")
-    cf.add_argument("--json", action="store_true")
-    cf.add_argument("--case", action="append", help="run only this case (repeatable)")
-    return p
+EXIT_INCONCLUSIVE = 3
 
 
 def _list(args) -> int:
-    from . import SCENARIOS, VARIANTS
-
     if args.json:
         print(json.dumps({
             "variants": [v.describe() for v in VARIANTS.values()],
@@ -67,54 +53,50 @@ def _list(args) -> int:
 
 
 def _check(args) -> int:
-    from . import SCENARIOS, VARIANTS, explore, replay
-
     if args.scenario not in SCENARIOS:
-        raise _UsageError(f"unknown scenario {args.scenario!r} (see: python -m rseq model list)")
+        raise UsageError(f"unknown scenario {args.scenario!r} (see: python -m rseq model list)")
     scenario = SCENARIOS[args.scenario]
     if args.variant is not None:
         if args.variant not in VARIANTS:
-            raise _UsageError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
+            raise UsageError(f"unknown variant {args.variant!r}; known: {', '.join(VARIANTS)}")
         if args.variant not in scenario.variants:
-            raise _UsageError(
-                f"scenario {scenario.name} runs under {', '.join(scenario.variants)}, not {args.variant}"
-            )
-    for name in ("preemptions", "migrations", "signals", "runs", "max_depth", "max_states"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            raise _UsageError(f"--{name.replace('_', '-')} must be >= 0")
+            raise UsageError(f"scenario {scenario.name} runs under "
+                             f"{', '.join(scenario.variants)}, not {args.variant}")
     bounds = dict(preemptions=args.preemptions, migrations=args.migrations, signals=args.signals)
     if args.schedule is not None:
         try:
             result = replay(scenario, args.schedule, args.variant, **bounds)
         except ValueError as e:
-            raise _UsageError(str(e)) from None
+            raise UsageError(str(e)) from None
     else:
         result = explore(
             scenario, args.variant, seed=args.seed, runs=args.runs,
-            max_depth=args.max_depth, max_states=args.max_states, **bounds,
+            max_depth=args.max_depth, max_states=args.max_states,
+            max_seconds=args.max_seconds, max_memory=args.max_memory * 2**20, **bounds,
         )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(result.report() if result.mode != "replay" else _replay_report(result))
-    return 0 if result.holds else 1
+    if result.mode == "replay":
+        return 0 if result.holds else 1
+    return {"holds": 0, "violated": 1}.get(result.verdict, EXIT_INCONCLUSIVE)
 
 
 def _replay_report(result) -> str:
-    lines = [f"replay of {len(result.schedule)} moves of {result.scenario} under {result.variant}:"]
+    lines = [f"replay of {len(result.schedule)} moves of {result.scenario} "
+             f"under {result.variant}:"]
     lines += ["  " + line for line in result.trace]
-    lines.append("property " + ("holds on this schedule" if result.holds else f"VIOLATED: {result.violation}"))
+    lines.append("property " + ("holds on this schedule" if result.holds
+                                else f"VIOLATED: {result.violation}"))
     return "\n".join(lines)
 
 
 def _conformance(args) -> int:
-    from .conformance import CASES, conformance
-
     if args.case:
         unknown = [c for c in args.case if c not in {case.name for case in CASES}]
         if unknown:
-            raise _UsageError(f"unknown case {unknown[0]!r}")
+            raise UsageError(f"unknown case {unknown[0]!r}")
     report = conformance(only=args.case)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -123,11 +105,45 @@ def _conformance(args) -> int:
     return 0 if report.agree else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        args = _parser().parse_args(argv)
-        return {"list": _list, "check": _check, "conformance": _conformance}[args.command](args)
-    except _UsageError as e:
-        print(f"python -m rseq model: error: {e}", file=sys.stderr)
-        return 2
+def add_subcommand(subparsers) -> None:
+    model = subparsers.add_parser(
+        "model", help="the executable rseq ABI model: list | check | conformance",
+        description="The executable rseq ABI model (docs/model.md).")
+    sub = model.add_subparsers(title="subcommands", metavar="SUBCOMMAND", required=True)
+    ls = sub.add_parser("list", help="variants and scenarios")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(run=_list)
+
+    ck = sub.add_parser("check", help="explore a scenario's interleavings",
+                        description="Explore a scenario's interleavings. Exit status: 0 "
+                                    "holds, 1 violated, 2 bad usage, 3 inconclusive (partial "
+                                    "or nothing checked).")
+    ck.add_argument("scenario")
+    ck.add_argument("--variant", "-V")
+    ck.add_argument("--preemptions", "-k", type=non_negative_int)
+    ck.add_argument("--migrations", type=non_negative_int)
+    ck.add_argument("--signals", type=non_negative_int)
+    ck.add_argument("--seed", type=int, help="random mode: RUNS random executions from this seed")
+    ck.add_argument("--runs", type=non_negative_int, default=2000)
+    ck.add_argument("--max-depth", type=non_negative_int, default=DEFAULT_MAX_DEPTH)
+    ck.add_argument("--max-states", type=positive_int, default=DEFAULT_MAX_STATES,
+                    help="stop after this many distinct states (also with --seed)")
+    ck.add_argument("--max-seconds", type=positive_float, default=DEFAULT_MAX_SECONDS,
+                    help=f"stop after this long (default {DEFAULT_MAX_SECONDS:g})")
+    ck.add_argument("--max-memory", type=positive_int, default=DEFAULT_MAX_MEMORY >> 20,
+                    metavar="MIB", help="stop when the process has grown by this many MiB "
+                                        f"(default {DEFAULT_MAX_MEMORY >> 20})")
+    ck.add_argument("--schedule", help="replay one schedule: moves separated by commas")
+    ck.add_argument("--json", action="store_true")
+    ck.set_defaults(run=_check)
+
+    cf = sub.add_parser("conformance",
+                        help="registration cases: this kernel against the linux-6.3 model")
+    cf.add_argument("--json", action="store_true")
+    cf.add_argument("--case", action="append", help="run only this case (repeatable)")
+    cf.set_defaults(run=_conformance)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m rseq.model ARGV``: the same as ``python -m rseq model ARGV``."""
+    return _cli_main(["model", *(sys.argv[1:] if argv is None else argv)])

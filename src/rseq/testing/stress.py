@@ -23,8 +23,8 @@ checks that reclaim() gives back every block they held, each free once.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -39,7 +39,13 @@ import threading
 import time
 from collections.abc import Callable
 
-from .. import _core, _inject
+import rseq
+
+# The test build: importing it loads a second extension (the per-CPU code
+# with delay loops), registers nothing and installs no handler, so there is
+# no reason to defer it.
+from .. import _inject
+from .._cli import positive_int
 
 ACTIONS = ("yield", "signal", "sleep")
 # Injection points (inject.h) that each structure passes through, from the
@@ -98,36 +104,89 @@ class Disturber:
     A process, not a thread: a Python thread needs the GIL to act, and worker
     threads hold it while they run, so it would rarely get to migrate or
     signal one in the middle of an operation.  It is forked before any worker
-    exists, and learns its targets through shared memory: [count, (kind,
-    id)...] with kind 1 a thread of this process (signalled with tgkill), 2
-    a worker process.
+    exists, and learns its targets through shared memory:
+    [count, rounds, (kind, id, state)...] with kind 1 a thread of this
+    process, 2 a worker process.
+
+    It must never hit anything but a live worker, neither another process
+    on the machine nor this one after the case (where SIGUSR1 is back at its
+    default action, which kills).  So every target is dropped before it can
+    go away, with a handshake (:meth:`drop` returns once the disturber has
+    finished every round that could still see the target):
+
+    - a worker thread drops itself before it returns: ``join()`` returns
+      before the kernel thread is gone, and a SIGUSR1 still pending on it
+      once the case restored the default action killed the whole process
+      (the load-dependent deaths of issue 8 item 16);
+    - a worker process is dropped after it exited but before it is reaped
+      (``waitid(WNOWAIT)`` first): until then its pid cannot be reused, so
+      neither a signal nor a migration can land on a recycled pid.  Signals
+      go through a pidfd as well (Linux 5.3), which cannot name another
+      process at all; threads are signalled with tgkill and this process's
+      tgid, which cannot name a thread of another process.
     """
 
     MAX_TARGETS = 256
     _THREAD, _PROCESS = 1, 2
-    _SYS_TGKILL = _core.SYSCALLS.get("tgkill")  # None: the storm signals the process
+    _ACTIVE, _DROPPED = 1, 2
+    #: Seconds drop() waits for the disturber before stopping it outright.
+    DROP_TIMEOUT = 10.0
 
     def __init__(self, storm: bool, migrate: bool):
         self.storm = storm
         self.migrate = migrate
-        self._map = mmap.mmap(-1, 8 * (1 + 2 * self.MAX_TARGETS))
+        self._map = mmap.mmap(-1, 8 * (2 + 3 * self.MAX_TARGETS))
         self._view = memoryview(self._map).cast("q")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._pid: int | None = None
 
-    def add_thread(self, tid: int) -> None:
-        self._add(self._THREAD, tid)
+    def add_thread(self, tid: int) -> int:
+        """Disturb thread ``tid`` of this process; returns its slot for drop()."""
+        return self._add(self._THREAD, tid)
 
-    def add_process(self, pid: int) -> None:
-        self._add(self._PROCESS, pid)
+    def add_process(self, pid: int) -> int:
+        """Disturb child process ``pid`` (not yet reaped); returns its slot."""
+        return self._add(self._PROCESS, pid)
 
-    def _add(self, kind: int, ident: int) -> None:
+    def _add(self, kind: int, ident: int) -> int:
         with self._lock:
             n = self._view[0]
-            if n < self.MAX_TARGETS:
-                self._view[1 + 2 * n] = kind
-                self._view[2 + 2 * n] = ident
-                self._view[0] = n + 1  # published after the entry is complete
+            if n >= self.MAX_TARGETS:
+                return -1
+            base = 2 + 3 * n
+            self._view[base] = kind
+            self._view[base + 1] = ident
+            self._view[base + 2] = self._ACTIVE
+            self._view[0] = n + 1  # published after the entry is complete
+            return n
+
+    def rounds(self) -> int:
+        """Rounds the disturber has completed (each acts on every target once)."""
+        return self._view[1]
+
+    def drop(self, slot: int) -> None:
+        """Stop disturbing ``slot``; returns once no signal or migration can
+        still reach it (or once the disturber is stopped)."""
+        if slot < 0:
+            return
+        self._view[2 + 3 * slot + 2] = self._DROPPED
+        pid = self._pid
+        if pid is None:
+            return
+        # The round under way may have read the target as active and the
+        # store above may become visible after the load below (x86 TSO):
+        # three more completed rounds began after the drop was visible.
+        target = self.rounds() + 3
+        deadline = time.monotonic() + self.DROP_TIMEOUT
+        while self.rounds() < target:
+            if self._pid != pid:
+                return  # stopped meanwhile
+            # Exited (not reaped: only stop() reaps, so its pid stays ours)?
+            exited = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            if exited is not None or time.monotonic() > deadline:
+                self.stop()  # stopped or dead: it can reach nothing now
+                return
+            time.sleep(0.0002)
 
     def start(self) -> None:
         parent = os.getpid()
@@ -140,44 +199,70 @@ class Disturber:
         self._pid = pid
 
     def stop(self) -> None:
-        if self._pid is not None:
-            os.kill(self._pid, signal.SIGKILL)
-            os.waitpid(self._pid, 0)
-            self._pid = None
+        with self._lock:  # one caller reaps; nobody signals it after that
+            pid, self._pid = self._pid, None
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)  # our unreaped child: cannot be recycled
+                os.waitpid(pid, 0)
 
     def _run(self, parent: int) -> None:
-        import ctypes
-        syscall = ctypes.CDLL(None, use_errno=True).syscall
+        tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)  # glibc >= 2.30
         cpus = sorted(os.sched_getaffinity(0))
         rng = random.Random(1)
-        while os.getppid() == parent:
-            n = self._view[0]
-            targets = [(self._view[1 + 2 * i], self._view[2 + 2 * i]) for i in range(n)]
-            for kind, ident in targets:
+        pidfds: dict[int, int | None] = {}  # slot -> pidfd of an active worker process
+        view = self._view
+        while os.getppid() == parent:  # reparented: the case's process is gone
+            for slot in range(view[0]):
+                kind, ident, state = view[2 + 3 * slot: 5 + 3 * slot]
+                if state != self._ACTIVE:
+                    fd = pidfds.pop(slot, None)
+                    if fd is not None:
+                        os.close(fd)
+                    continue
                 if self.storm:
-                    if kind == self._THREAD and self._SYS_TGKILL is not None:
-                        syscall(self._SYS_TGKILL, parent, ident, signal.SIGUSR1)
+                    if kind == self._THREAD:
+                        if tgkill is not None:
+                            tgkill(parent, ident, signal.SIGUSR1)
+                        else:
+                            os.kill(parent, signal.SIGUSR1)
                     else:
-                        try:
-                            os.kill(parent if kind == self._THREAD else ident, signal.SIGUSR1)
-                        except ProcessLookupError:
-                            pass
+                        self._signal_process(slot, ident, pidfds)
                 if self.migrate and len(cpus) > 1:
-                    try:
+                    with contextlib.suppress(OSError):
                         os.sched_setaffinity(ident, {rng.choice(cpus)})
-                    except OSError:
-                        pass
+            view[1] += 1
             time.sleep(0.0002 if self.storm else 0.001)
+
+    @staticmethod
+    def _signal_process(slot: int, pid: int, pidfds: dict[int, int | None]) -> None:
+        # Active means not reaped yet (the parent drops before it reaps), so
+        # the pidfd opened here names the worker, never a recycled pid.
+        try:
+            if slot not in pidfds:
+                try:
+                    pidfds[slot] = os.pidfd_open(pid)
+                except (AttributeError, OSError) as e:
+                    if isinstance(e, ProcessLookupError):
+                        raise
+                    pidfds[slot] = None  # no pidfds (Linux < 5.3): the pid, still ours
+            fd = pidfds[slot]
+            if fd is None:
+                os.kill(pid, signal.SIGUSR1)
+            else:
+                signal.pidfd_send_signal(fd, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass  # exited, not reaped yet
 
 
 def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Disturber) -> int:
     """Fork `nworkers` children running body(worker); returns their aborts.
 
     Each child reports its abort count through shared memory before leaving
-    without cleanup."""
-    from .. import _inject
+    without cleanup.  A child is dropped from the disturber after it exited
+    and before it is reaped: its pid is never signalled once it may be
+    reused."""
     aborts = _SharedCounts(nworkers)
-    pids = []
+    workers = []
     for w in range(nworkers):
         pid = os.fork()
         if pid == 0:
@@ -188,10 +273,11 @@ def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Distur
                 code = 0
             finally:
                 os._exit(code)
-        pids.append(pid)
-        disturber.add_process(pid)
+        workers.append((pid, disturber.add_process(pid)))
     failures = 0
-    for pid in pids:
+    for pid, slot in workers:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, still not reaped
+        disturber.drop(slot)
         _, status = os.waitpid(pid, 0)
         failures += os.waitstatus_to_exitcode(status) != 0
     if failures:
@@ -219,9 +305,16 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
     ready = threading.Barrier(n + 1)
 
     def worker():
-        disturber.add_thread(threading.get_native_id())
-        ready.wait()
-        body()
+        slot = disturber.add_thread(threading.get_native_id())
+        try:
+            ready.wait()
+            body()
+        finally:
+            # Dropped while this thread surely runs (see Disturber); the
+            # sleep returns to user space once more, so that a signal sent
+            # before the drop is delivered now, under the case's handler.
+            disturber.drop(slot)
+            time.sleep(0)
 
     threads = [threading.Thread(target=worker) for _ in range(n)]
     for t in threads:
@@ -233,7 +326,6 @@ def _run_threads(n: int, body: Callable[[], None], disturber: Disturber):
 
 def _skip_reason(index: str, workers: str) -> str | None:
     """Why an index mode cannot run with this kind of worker, or None."""
-    import rseq
     if workers == "processes" and index == "mm_cid":
         return "mm_cid is per process: shared structures index by cpu_id"
     if index == "mm_cid" and "mm_cid" not in rseq.info().fields:
@@ -251,8 +343,6 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
     one worker's operations, ``check()`` returns ``(expected, got)``.  The
     workers run as threads or forked processes while the injection point is
     widened and a disturber signals and migrates them."""
-    from .. import _inject
-
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         old_handler = signal.signal(signal.SIGUSR1, _ignore)
@@ -277,10 +367,6 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
 
 def counter_case(*, structure: str, point: int, action: str, index: str, workers: str,
                  nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    import rseq
-
-    from .. import _inject
-
     name = (f"{structure:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
     if workers == "processes" and structure != "arena":
@@ -322,14 +408,11 @@ def _arena_counter(inject, arena, key: str):
 # ---------------------------------------------------------------------------
 
 def primitive_names() -> tuple[str, ...]:
-    from .. import _inject
     return tuple(_inject.PRIMITIVES)
 
 
 def primitive_case(*, primitive: str, point: int, action: str, index: str, workers: str,
                    nworkers: int, reps: int, loops: int, migrate: bool = True) -> CaseResult:
-    from .. import _inject
-
     name = (f"{primitive:<7} point={point} action={action:<6} index={index:<6} "
             f"workers={workers}")
     skipped = _skip_reason(index, workers)
@@ -465,7 +548,6 @@ class KillResult:
 
 
 def _kill_worker(path: str, done_path: str, slot: int, key_space: int, seed: int):
-    import rseq
     rng = random.Random(seed)
     with open(done_path, "r+b") as f:
         done = mmap.mmap(f.fileno(), 0)
@@ -483,7 +565,8 @@ def _kill_worker(path: str, done_path: str, slot: int, key_space: int, seed: int
 
 
 def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
-    import rseq
+    if kills < 1 or workers < 1:
+        raise ValueError(f"kill_test needs kills >= 1 and workers >= 1, got {kills}, {workers}")
     rng = random.Random(seed)
     start = time.perf_counter()
     tmpdir = tempfile.mkdtemp(prefix="rseq-kill-")
@@ -549,8 +632,8 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
         if len(set(keys)) != len(keys):
             problems.append(f"duplicate keys: {sorted(keys)}")
         reopened.close()
-        return KillResult(killed, committed, got, len(keys), claimed_before, time.perf_counter() - start,
-                          problems)
+        return KillResult(killed, committed, got, len(keys), claimed_before,
+                          time.perf_counter() - start, problems)
     finally:
         for pid in running:
             os.kill(pid, signal.SIGKILL)
@@ -792,18 +875,7 @@ def _mm_cid_child(quick: bool, as_json: bool) -> list[dict]:
     return json.loads(proc.stdout)["cases"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rseq stress",
-                                     description="The per-CPU stress matrix and kill test.")
-    parser.add_argument("--quick", action="store_true",
-                        help="a short slice of the matrix (what the default tests run)")
-    parser.add_argument("--index", choices=("cpu", "mm_cid", "both"), default="both")
-    parser.add_argument("--kills", type=int, default=100, help="SIGKILLs in the kill test")
-    parser.add_argument("--no-kill", action="store_true", help="skip the kill test")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    import rseq
-
+def _run(args) -> int:
     out = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
     facts = rseq.info()
     out(f"rseq stress: owner={facts.owner} critical_sections={facts.critical_sections} "
@@ -846,3 +918,17 @@ def main(argv: list[str] | None = None) -> int:
                           "kill": dataclasses.asdict(kill) | {"ok": kill.ok} if kill else None},
                          indent=1))
     return 0 if ok else 1
+
+
+def add_subcommand(subparsers) -> None:
+    p = subparsers.add_parser("stress", help="the per-CPU stress matrix and the kill test",
+                              description="The per-CPU stress matrix and the kill test "
+                                          "(qualifies a kernel and CPU).")
+    p.add_argument("--quick", action="store_true",
+                   help="a short slice of the matrix (what the default tests run)")
+    p.add_argument("--index", choices=("cpu", "mm_cid", "both"), default="both")
+    p.add_argument("--kills", type=positive_int, default=100, metavar="N",
+                   help="SIGKILLs in the kill test (>= 1; --no-kill skips the test)")
+    p.add_argument("--no-kill", action="store_true", help="skip the kill test")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_run)
