@@ -13,6 +13,7 @@
 
 #include "core.h"
 #include "counter_type.h"
+#include "metrics_type.h"
 #include "percpu.h"
 #include "registration.h"
 #include "thread_area.h"
@@ -611,7 +612,7 @@ static int module_exec(PyObject *module)
         return -1;
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
         return -1;
-    if (rseq_pool_add_types(module) < 0)
+    if (rseq_pool_add_types(module) < 0 || rseq_metrics_add_types(module) < 0)
         return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);

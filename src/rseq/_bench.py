@@ -402,8 +402,14 @@ def bench_pool(quick: bool = False) -> dict:
             "targets": targets, "notes": notes}
 
 
+def bench_metrics(quick: bool = False) -> dict:
+    """rseq.metrics beside prometheus_client (rseq/metrics/_bench.py)."""
+    from .metrics._bench import bench_metrics as run
+    return run(quick)
+
+
 SECTIONS: dict[str, Callable[..., dict]] = {"reads": bench_reads, "counters": bench_counters,
-                                            "pool": bench_pool}
+                                            "metrics": bench_metrics, "pool": bench_pool}
 
 
 def plot(results: dict, path: str) -> None:
@@ -412,13 +418,25 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 3.2 * len(results)), squeeze=False)
+    curves = [r["curve"] for r in results.values() if "curve" in r]
+    rows = len(results) + len(curves)
+    fig, axes = plt.subplots(rows, 1, figsize=(9, 3.2 * rows), squeeze=False)
+    for ax, curve in zip(axes[len(results):, 0], curves):
+        for label, points in curve["series"].items():
+            xs = [max(x, 1) for x, _ in points]
+            ax.plot(xs, [y for _, y in points], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(curve["xlabel"] + " (0 plotted at 1)")
+        ax.set_ylabel(curve["ylabel"])
+        ax.set_title(curve["title"])
+        ax.legend()
     for ax, (_name, result) in zip(axes[:, 0], results.items()):
         labels = list(result["ns"])
         values = [result["ns"][k] for k in labels]
         colors = ["#888888" if k == result["floor"] else
-                  "#1f77b4" if k.startswith(("rseq", "PerCpu", "Arena")) else "#d62728"
-                  for k in labels]
+                  "#1f77b4" if k.startswith(("rseq", "PerCpu", "Arena")) or "[rseq" in k
+                  else "#d62728" for k in labels]
         ax.barh(labels, values, color=colors)
         ax.set_xscale("log")
         ax.set_xlabel(f"{result['unit']} (log scale; grey: call floor, blue: rseq)")
@@ -453,6 +471,7 @@ def format_section(result: dict) -> str:
         lines.append(f"  system calls (strace -c -f): {sc['syscalls with the loop']} with "
                      f"{sc['pairs']:,} pairs, {sc['syscalls without the loop']} without: "
                      f"{sc['syscalls per pair']:.6f} per pair")
+    lines.extend(result.get("extra_lines", []))
     for label, t in result["targets"].items():
         unit = t.get("unit", "x")
         lines.append(f"  target: {label}: {'PASS' if t['ok'] else 'MISS'} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+PF_EXITING = 0x00000004   # include/linux/sched.h
 _self: tuple[int, int] | None = None
 
 
@@ -31,6 +32,13 @@ def start_time(pid: int) -> int | None:
     # spaces and parentheses included: split after the last ')'.
     rest = data[data.rfind(b")") + 2:].split()
     if len(rest) < 20 or rest[0] in (b"Z", b"X"):
+        return None
+    # A process that is exiting (PF_EXITING in the flags, field 9: set as
+    # soon as a SIGKILL is acted on, before its files close and long before
+    # it becomes a zombie) will never run user code again: not alive.  This
+    # is what lets a scrape that follows a killed request's broken
+    # connection already see its process as gone.
+    if int(rest[6]) & PF_EXITING:
         return None
     return int(rest[19])
 

@@ -117,7 +117,7 @@ def test_usage_errors_are_one_line(argv, fragment):
     assert "Traceback" not in proc.stderr
 
 
-SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "pool"]
+SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "metrics", "pool"]
 
 
 def test_help_lists_every_subcommand():
@@ -163,6 +163,18 @@ BAD_INPUT = [
     (["model", "check", "nope"], "python -m rseq model check: error: unknown scenario 'nope'"),
     (["model", "conformance", "--bogus"], "python -m rseq model conformance: error: unrecognized"),
     (["model", "conformance", "--case", "nope"], "unknown case 'nope'"),
+    (["metrics"], "python -m rseq metrics: error: the following arguments are required"),
+    (["metrics", "frobnicate"], "python -m rseq metrics: error: argument {show,serve}: "
+                                "invalid choice"),
+    (["metrics", "show"], "python -m rseq metrics show: error: the following arguments are "
+                          "required: name"),
+    (["metrics", "show", "x", "--format", "xml"], "argument --format: invalid choice: 'xml'"),
+    (["metrics", "show", "/nonexistent/metrics"], "python -m rseq metrics show: error: no "
+                                                  "metrics file '/nonexistent/metrics'"),
+    (["metrics", "serve", "x"], "the following arguments are required: --port"),
+    (["metrics", "serve", "x", "--port", "70000"], "argument --port: must be a TCP port "
+                                                    "(0 to 65535), got 70000"),
+    (["metrics", "serve", "x", "--port", "-1"], "argument --port: must be a TCP port"),
     (["pool"], "python -m rseq pool: error: the following arguments are required: SUBCOMMAND"),
     (["pool", "frobnicate"], "python -m rseq pool: error: argument SUBCOMMAND: invalid choice"),
     (["pool", "stats"], "python -m rseq pool stats: error: the following arguments are required"),

@@ -184,3 +184,21 @@ def test_stub_and_package_type_check(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0 and "error" not in proc.stdout, proc.stdout
     assert re.search(r'Revealed type is "(builtins\.)?int"', proc.stdout), proc.stdout
+
+
+def test_metrics_names_are_documented():
+    """Every public name of rseq.metrics is named in README.md's API section,
+    and everything it exports exists and has a docstring or is a constant."""
+    import rseq.metrics as metrics
+    documented = readme_api_names()
+    assert documented is not None, "README.md has no API section"
+    missing = set(metrics.__all__) - documented
+    assert not missing, f"rseq.metrics exports undocumented names: {sorted(missing)}"
+    assert sorted(metrics.__all__) == metrics.__all__
+    public = {name for name in dir(metrics) if not name.startswith("_")
+              and not inspect.ismodule(getattr(metrics, name))}
+    assert public == set(metrics.__all__)
+    for name in metrics.__all__:
+        obj = getattr(metrics, name)
+        if callable(obj):
+            assert obj.__doc__, name
