@@ -16,6 +16,7 @@
 #include "metrics_type.h"
 #include "percpu.h"
 #include "registration.h"
+#include "ring_type.h"
 #include "thread_area.h"
 #include "rseq/capi.h"
 
@@ -390,6 +391,8 @@ static const struct rseq_capi capi = {
     .load_cbeq_store_load_store = capi_load_cbeq_store_load_store,
     .load_cbne_store_store = capi_load_cbne_store_store,
     .load_cbne_memcpy_store = capi_load_cbne_memcpy_store,
+    .ring_handle = rseq_ring_handle,
+    .ring_put = rseq_ring_put,
     .pool_of = rseq_capi_pool_of,
     .pool_alloc = rseq_capi_pool_alloc,
     .pool_free = rseq_capi_pool_free,
@@ -611,6 +614,8 @@ static int module_exec(PyObject *module)
         || PyModule_AddObjectRef(module, "ArenaFullError", st->ArenaFullError) < 0)
         return -1;
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0)
+        return -1;
+    if (rseq_ring_add_types(module) < 0)
         return -1;
     if (rseq_pool_add_types(module) < 0 || rseq_metrics_add_types(module) < 0)
         return -1;

@@ -17,6 +17,7 @@
 #include "counter_type.h"
 #include "inject.h"
 #include "primitive_workers.h"
+#include "ring_type.h"
 #include "rseq/abi.h"
 #include "rseq/capi.h"
 #include "workload.h"
@@ -258,7 +259,7 @@ static int module_exec(PyObject *module)
     Py_DECREF(core);
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0
         || rseq_pool_add_types(module) < 0 || rseq_primitive_add_constants(module) < 0
-        || add_injection_points(module) < 0)
+        || add_injection_points(module) < 0 || rseq_ring_add_types(module) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "POINTS", RSEQ_INJECT_POINTS) < 0
         || PyModule_AddIntConstant(module, "MODE_YIELD", RSEQ_INJECT_MODE_YIELD) < 0

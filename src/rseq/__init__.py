@@ -15,6 +15,7 @@ from ._core import (
     PerCpuCounter,
     PoolBlock,
     RegistrationError,
+    RingRecord,
     RseqError,
     Unsupported,
     cpu,
@@ -27,6 +28,7 @@ from ._core import (
 from ._info import Info, info
 from ._pool import Pool, PoolError, PoolExhaustedError, PoolOwnershipError, PoolStats
 from ._registration import get_include, registered
+from ._ring import Ring, RingBusyError, RingStats
 
 __version__ = "0.1.0"
 
@@ -46,6 +48,10 @@ __all__ = [
     "PoolOwnershipError",
     "PoolStats",
     "RegistrationError",
+    "Ring",
+    "RingBusyError",
+    "RingRecord",
+    "RingStats",
     "RseqError",
     "Unsupported",
     "cpu",

@@ -402,6 +402,341 @@ def bench_pool(quick: bool = False) -> dict:
             "targets": targets, "notes": notes}
 
 
+# ---------------------------------------------------------------------------
+# Rings
+# ---------------------------------------------------------------------------
+
+def _mp_queue_round_trip(payload: bytes):
+    queue = multiprocessing.get_context("fork").Queue()
+
+    def put_get():
+        queue.put(payload)
+        return queue.get()
+    return put_get, queue
+
+
+def _zmq_round_trip(payload: bytes, tmp: str):
+    try:
+        import zmq
+    except ImportError:
+        return None
+    context = zmq.Context.instance()
+    pull = context.socket(zmq.PULL)
+    push = context.socket(zmq.PUSH)
+    address = f"ipc://{tmp}/zmq"
+    pull.bind(address)
+    push.connect(address)
+    send, recv = push.send, pull.recv
+
+    def send_recv():
+        send(payload)
+        return recv()
+
+    def close():
+        push.close(0)
+        pull.close(0)
+    return send_recv, close
+
+
+def _posix_mq_round_trip(payload: bytes):
+    try:
+        import posix_ipc
+    except ImportError:
+        return None
+    name = f"/rseq-bench-{os.getpid()}"
+    queue = posix_ipc.MessageQueue(name, posix_ipc.O_CREX, max_messages=8,
+                                   max_message_size=len(payload))
+    send, receive = queue.send, queue.receive
+
+    def send_receive():
+        send(payload)
+        return receive()
+
+    def close():
+        queue.close()
+        queue.unlink()
+    return send_receive, close
+
+
+def ring_drain_ns(ring, payload: bytes, batch: int, records: int) -> float:
+    """ns per record of consume(batch) draining `records` records."""
+    put = ring.put
+    consume = ring.consume
+    for _ in range(records):
+        put(payload)
+    start = time.perf_counter()
+    n = 0
+    while True:
+        got = consume(batch)
+        if not got:
+            break
+        n += len(got)
+    elapsed = time.perf_counter() - start
+    return elapsed / max(n, 1) * 1e9
+
+
+def _ring_throughput_worker(path: str, seconds: float, start, results, slot: int,
+                            reference: bool):
+    from ._ring import Ring
+    ring = Ring.open(path)
+    put = {}.get if reference else ring.put
+    payload = b"x" * 64
+    start.wait()
+    deadline = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < deadline:
+        for _ in range(1000):
+            put(payload)
+        n += 1000
+    results[slot] = n
+
+
+def ring_throughput(processes: int, seconds: float, reference: bool = False) -> tuple[float, bool]:
+    """(puts per second, exact) of `processes` producer processes on one
+    ring (overwrite policy: producers never wait for a consumer)."""
+    from ._ring import Ring
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
+        path = os.path.join(tmp, "ring")
+        with Ring.create(path, size_per_cpu=1 << 20, max_record=256,
+                         policy="overwrite") as ring:
+            start = ctx.Event()
+            results = ctx.Array("q", processes)
+            procs = [ctx.Process(target=_ring_throughput_worker,
+                                 args=(path, seconds, start, results, i, reference))
+                     for i in range(processes)]
+            for p in procs:
+                p.start()
+            time.sleep(0.2)
+            start.set()
+            for p in procs:
+                p.join()
+            total = sum(results)
+            return total / seconds, reference or ring.stats().committed == total
+
+
+def ring_throughput_rounds(rounds: int, seconds: float) -> dict:
+    samples: dict[tuple[str, int], list[float]] = {}
+    exact = True
+    for _ in range(rounds):
+        for kind in ("ring", "reference"):
+            for n in (1, 2):
+                rate, ok = ring_throughput(n, seconds, reference=kind == "reference")
+                samples.setdefault((kind, n), []).append(rate)
+                exact &= ok
+    med = {key: statistics.median(v) for key, v in samples.items()}
+    return {"1 process (puts/s)": med["ring", 1], "2 processes (puts/s)": med["ring", 2],
+            "ratio": med["ring", 2] / med["ring", 1],
+            "reference ratio": med["reference", 2] / med["reference", 1],
+            "exact": exact, "rounds": rounds}
+
+
+def _log_loop(logger, n: int, spent, slot: int):
+    # Process time: QueueHandler's pickling happens in the queue's feeder
+    # thread, which must count too.
+    start = time.process_time()
+    for i in range(n):
+        logger.info("request %d served in %.3f ms", i, 1.5)
+    if hasattr(logger.handlers[0], "queue"):
+        logger.handlers[0].queue.close()
+        logger.handlers[0].queue.join_thread()
+    spent[slot] = (time.process_time() - start) / n * 1e9
+
+
+def _log_worker_ring(name: str, n: int, spent, slot: int):
+    import logging
+
+    from .logging import RingHandler
+    logger = logging.getLogger("rseq.bench.ring")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(RingHandler(name))
+    _log_loop(logger, n, spent, slot)
+
+
+def _log_worker_queue(queue, n: int, spent, slot: int):
+    import logging
+    from logging.handlers import QueueHandler
+    logger = logging.getLogger("rseq.bench.queue")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    logger.addHandler(QueueHandler(queue))
+    _log_loop(logger, n, spent, slot)
+
+
+def logging_throughput(kind: str, workers: int, n: int) -> tuple[float, int, int, float]:
+    """(records per second written, records written, records dropped, ns of
+    a worker's CPU time per log call) of `workers` processes logging `n`
+    records each into one file handler: from the workers' start until the
+    last record is written."""
+    import logging
+    from logging.handlers import QueueListener
+    ctx = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-log-") as tmp:
+        handler = logging.FileHandler(os.path.join(tmp, "out.log"))
+        handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(message)s"))
+        written = [0]
+        base_emit = handler.emit
+
+        def emit(record):
+            base_emit(record)
+            written[0] += 1
+        handler.emit = emit
+        ring = None
+        if kind == "ring":
+            from ._ring import Ring
+            from .logging import RingListener
+            name = os.path.join(tmp, "ring")
+            ring = Ring.create(name, size_per_cpu=1 << 23, max_record=2048)
+            listener = RingListener(ring, handler)
+            target, args = _log_worker_ring, name
+        else:
+            queue = ctx.Queue()
+            listener = QueueListener(queue, handler)
+            target, args = _log_worker_queue, queue
+        listener.start()
+        spent = ctx.Array("d", workers)
+        procs = [ctx.Process(target=target, args=(args, n, spent, w)) for w in range(workers)]
+        start = time.perf_counter()
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        dropped = ring.stats().dropped if ring is not None else 0
+        deadline = time.monotonic() + 60
+        while written[0] + dropped < workers * n and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        elapsed = time.perf_counter() - start
+        listener.stop()
+        if ring is not None:
+            ring.close()
+        handler.close()
+        return written[0] / elapsed, written[0], dropped, statistics.median(spent)
+
+
+def bench_ring(quick: bool = False) -> dict:
+    """rseq.Ring.put beside the call floor and the IPC a user would use."""
+    from ._ring import Ring
+
+    rounds = 5 if quick else 15
+    seconds = 0.01 if quick else 0.03
+    payload = b"x" * 64
+    notes = []
+    closers = []
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
+        # Large lanes, acknowledged between samples by a consumer: every
+        # measured put commits (none is a cheaper drop).
+        ring = Ring.create(os.path.join(tmp, "ring"), size_per_cpu=1 << 18, max_record=256)
+        bare = Ring.create(os.path.join(tmp, "bare"), size_per_cpu=1 << 18, max_record=256,
+                           timestamps=False)
+        put_get, queue = _mp_queue_round_trip(payload)
+        cases: dict = {
+            "{}.get(1) [floor]": ({}.get, "f(1)"),
+            "Ring.put(64 B)": (ring.put, "f(b'x' * 64)"),
+            "Ring.put(64 B), timestamps=False": (bare.put, "f(b'x' * 64)"),
+            "multiprocessing.Queue put + get": put_get,
+        }
+        zmq_case = _zmq_round_trip(payload, tmp)
+        if zmq_case is None:
+            notes.append("pyzmq not installed (pip install pyzmq, or the compare extra): "
+                         "ZeroMQ row skipped")
+        else:
+            cases["ZeroMQ ipc:// send + recv"] = zmq_case[0]
+            closers.append(zmq_case[1])
+        mq_case = _posix_mq_round_trip(payload)
+        if mq_case is None:
+            notes.append("posix_ipc not installed (pip install posix_ipc, or the compare "
+                         "extra): POSIX message queue row skipped")
+        else:
+            cases["POSIX mq send + receive"] = mq_case[0]
+            closers.append(mq_case[1])
+        # A sample is up to 2,000 calls, repeated with the lanes emptied (by
+        # a consumer in this process, untimed) in between, so that every
+        # measured put commits (none is a cheaper drop) into a lane that
+        # stays in cache, as it does beside a consumer that keeps up.
+        timers = {name: _timer(case) for name, case in cases.items()}
+        numbers = {}
+        repeats = {}
+        for name, t in timers.items():
+            elapsed = t.timeit(200) / 200
+            total = max(1, int(seconds / max(elapsed, 1e-9)))
+            numbers[name] = min(2000, total)
+            repeats[name] = max(1, total // numbers[name])
+            for r in (ring, bare):
+                r.consume(1 << 30)
+                r.ack()
+        dropped_before = ring.stats().dropped + bare.stats().dropped
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        drain: list[float] = []
+        for _ in range(rounds):
+            for name, t in timers.items():
+                spent = 0.0
+                for _ in range(repeats[name]):
+                    spent += t.timeit(numbers[name])
+                    for r in (ring, bare):
+                        r.consume(1 << 30)
+                        r.ack()
+                samples[name].append(spent / (numbers[name] * repeats[name]) * 1e9)
+            drain.append(statistics.median(ring_drain_ns(ring, payload, 1024, 2000)
+                                           for _ in range(5)))
+            ring.ack()
+        ns = {name: statistics.median(v) for name, v in samples.items()}
+        ns["consume(1024): drain, per record"] = statistics.median(drain)
+        dropped = ring.stats().dropped + bare.stats().dropped - dropped_before
+        if dropped:
+            notes.append(f"{dropped} puts were dropped during the run: figures are suspect")
+        iterations = 1_000_000 if quick else 5_000_000
+        c_level = {
+            "Ring put, 64 bytes (C API path)": statistics.median(
+                bare._map._bench_put(iterations, 64)[0] for _ in range(3 if quick else 7)),
+            "Ring put, 64 bytes, timestamps": statistics.median(
+                ring._map._bench_put(iterations, 64)[0] for _ in range(3 if quick else 7)),
+            "atomic fetch-add, 1 thread": statistics.median(
+                _core._bench_c("atomic_add", 1, iterations) for _ in range(3 if quick else 7)),
+        }
+        ring.close()
+        bare.close()
+        queue.close()
+        for close in closers:
+            close()
+    floor = ns["{}.get(1) [floor]"]
+    ratios = {name: v / floor for name, v in ns.items()}
+    throughput = ring_throughput_rounds(3 if quick else 5, 0.3 if quick else 0.5)
+    log_n = 2000 if quick else 20000
+    logging_rates = {}
+    for kind in ("ring", "queue"):
+        rate, written, lost, call_ns = logging_throughput(kind, 2, log_n)
+        logging_rates[kind] = {"records/s": rate, "written": written, "dropped": lost,
+                               "worker ns per call": call_ns}
+    put = ns["Ring.put(64 B)"]
+    targets = {
+        "Ring.put(64 B) within 3x of {}.get(1)": {
+            "value": put / floor, "limit": 3.0, "ok": put / floor <= 3.0},
+        "Ring.put(64 B), timestamps=False within 3x of {}.get(1)": {
+            "value": ns["Ring.put(64 B), timestamps=False"] / floor, "limit": 3.0,
+            "ok": ns["Ring.put(64 B), timestamps=False"] / floor <= 3.0},
+        "at least 50x faster than multiprocessing.Queue put + get": {
+            "value": ns["multiprocessing.Queue put + get"] / put, "limit": 50.0,
+            "ok": ns["multiprocessing.Queue put + get"] / put >= 50.0,
+            "higher_is_better": True},
+        "drain at most 150 ns per record": {
+            "value": ns["consume(1024): drain, per record"], "limit": 150.0, "unit": "ns",
+            "ok": ns["consume(1024): drain, per record"] <= 150.0},
+        "2 producer processes at least 1.8x the throughput of 1": {
+            "value": throughput["ratio"], "limit": 1.8, "ok": throughput["ratio"] >= 1.8,
+            "higher_is_better": True},
+    }
+    for label in ("ZeroMQ ipc:// send + recv", "POSIX mq send + receive"):
+        if label in ns:
+            targets[f"at least 5x faster than {label}"] = {
+                "value": ns[label] / put, "limit": 5.0, "ok": ns[label] / put >= 5.0,
+                "higher_is_better": True}
+    return {"title": "ring: put(64 bytes)", "unit": "ns/call", "rounds": rounds, "ns": ns,
+            "ratio_to_floor": ratios, "floor": "{}.get(1) [floor]",
+            "ring_throughput": throughput, "logging": logging_rates,
+            "c_level_ns": c_level, "targets": targets, "notes": notes}
+
+
 def bench_metrics(quick: bool = False) -> dict:
     """rseq.metrics beside prometheus_client (rseq/metrics/_bench.py)."""
     from .metrics._bench import bench_metrics as run
@@ -409,7 +744,8 @@ def bench_metrics(quick: bool = False) -> dict:
 
 
 SECTIONS: dict[str, Callable[..., dict]] = {"reads": bench_reads, "counters": bench_counters,
-                                            "metrics": bench_metrics, "pool": bench_pool}
+                                            "ring": bench_ring, "metrics": bench_metrics,
+                                            "pool": bench_pool}
 
 
 def plot(results: dict, path: str) -> None:
@@ -462,6 +798,22 @@ def format_section(result: dict) -> str:
                      f"2 processes {tp['2 processes (adds/s)'] / 1e6:.1f} M adds/s "
                      f"({tp['ratio']:.2f}x; totals {'exact' if tp['exact'] else 'WRONG'}); "
                      f"workers sharing nothing scale {tp['reference ratio']:.2f}x here")
+    if "ring_throughput" in result:
+        tp = result["ring_throughput"]
+        lines.append(f"  ring throughput (median of {tp['rounds']} alternating rounds): "
+                     f"1 process {tp['1 process (puts/s)'] / 1e6:.2f} M puts/s, "
+                     f"2 processes {tp['2 processes (puts/s)'] / 1e6:.2f} M puts/s "
+                     f"({tp['ratio']:.2f}x; counts {'exact' if tp['exact'] else 'WRONG'}); "
+                     f"workers sharing nothing scale {tp['reference ratio']:.2f}x here")
+    if "logging" in result:
+        lines.append("  logging, 2 processes -> one FileHandler (records/s written, end to end):")
+        for kind, label in (("ring", "RingHandler -> RingListener"),
+                            ("queue", "QueueHandler + multiprocessing.Queue -> QueueListener")):
+            entry = result["logging"][kind]
+            lines.append(f"    {label:<55} {entry['records/s']:>10,.0f}  "
+                         f"({entry['written']} written, {entry['dropped']} dropped; "
+                         f"{entry['worker ns per call'] / 1000:.1f} us of worker CPU "
+                         f"per call)")
     if "c_level_ns" in result:
         lines.append("  C level, ns per operation per thread:")
         for label, v in result["c_level_ns"].items():

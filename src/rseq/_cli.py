@@ -50,6 +50,7 @@ SUBCOMMAND_MODULES = (
     "rseq._bench",          # bench
     "rseq.testing.stress",  # stress
     "rseq.model.cli",       # model list | check | conformance
+    "rseq._ring",           # ring stats | tail
     "rseq.metrics._cli",    # metrics show | serve
     "rseq._pool",           # pool stats
 )

@@ -135,6 +135,16 @@ def test_time_slice_yield_and_expiry_both_happen():
     assert in_time.holds and expired.holds
 
 
+def test_ring_broken_twins_fail_for_their_own_reason():
+    """The ring's twins are caught for the bug each one has: a torn read for
+    publish-before-copy, a lost or torn committed record for the plain copy."""
+    result = explore("ring-publish-first", "linux-6.3")
+    assert "torn record delivered" in result.violation
+    result = explore("ring-plain", "linux-6.3")
+    assert any(word in result.violation for word in ("torn record", "committed", "twice"))
+    assert any("preempt" in str(move) for move in result.schedule)
+
+
 def test_pool_broken_twin_leaks_a_block_when_killed_after_the_commit():
     """rseq.Pool's pop must record the owner inside its sequence: the twin that
     commits first leaks the block when its process dies between the two."""

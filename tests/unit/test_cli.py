@@ -117,7 +117,7 @@ def test_usage_errors_are_one_line(argv, fragment):
     assert "Traceback" not in proc.stderr
 
 
-SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "metrics", "pool"]
+SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "ring", "metrics", "pool"]
 
 
 def test_help_lists_every_subcommand():
@@ -163,6 +163,14 @@ BAD_INPUT = [
     (["model", "check", "nope"], "python -m rseq model check: error: unknown scenario 'nope'"),
     (["model", "conformance", "--bogus"], "python -m rseq model conformance: error: unrecognized"),
     (["model", "conformance", "--case", "nope"], "unknown case 'nope'"),
+    (["ring"], "python -m rseq ring: error: the following arguments are required: COMMAND"),
+    (["ring", "stats"], "python -m rseq ring stats: error: the following arguments are "
+                        "required: name"),
+    (["ring", "stats", "x", "--bogus"], "python -m rseq ring stats: error: unrecognized"),
+    (["ring", "stats", "rseq-test-no-such-ring"], "python -m rseq ring stats: error: [Errno 2] "
+                                                  "no ring"),
+    (["ring", "tail", "x", "--count", "0"], "argument --count: must be a positive integer"),
+    (["ring", "tail", "x", "--timeout", "-1"], "argument --timeout: must be a"),
     (["metrics"], "python -m rseq metrics: error: the following arguments are required"),
     (["metrics", "frobnicate"], "python -m rseq metrics: error: argument {show,serve}: "
                                 "invalid choice"),

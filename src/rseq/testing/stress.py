@@ -254,26 +254,32 @@ class Disturber:
             pass  # exited, not reaped yet
 
 
-def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Disturber) -> int:
-    """Fork `nworkers` children running body(worker); returns their aborts.
+def _fork_workers(nworkers: int, body: Callable[[int], None], disturber: Disturber,
+                  first: int = 0) -> tuple[list, _SharedCounts]:
+    """Fork `nworkers` children running body(first + k); see _reap_workers.
 
     Each child reports its abort count through shared memory before leaving
-    without cleanup.  A child is dropped from the disturber after it exited
-    and before it is reaped: its pid is never signalled once it may be
-    reused."""
+    without cleanup."""
     aborts = _SharedCounts(nworkers)
     workers = []
-    for w in range(nworkers):
+    for k in range(nworkers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                body(w)
-                aborts[w] = _inject.aborts()
+                body(first + k)
+                aborts[k] = _inject.aborts()
                 code = 0
             finally:
                 os._exit(code)
         workers.append((pid, disturber.add_process(pid)))
+    return workers, aborts
+
+
+def _reap_workers(workers: list, aborts: _SharedCounts, disturber: Disturber) -> int:
+    """Wait for forked workers; returns their aborts.  A child is dropped
+    from the disturber after it exited and before it is reaped: its pid is
+    never signalled once it may be reused."""
     failures = 0
     for pid, slot in workers:
         os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # exited, still not reaped
@@ -283,6 +289,11 @@ def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Distur
     if failures:
         raise RuntimeError(f"{failures} worker process(es) failed")
     return aborts.total()
+
+
+def _run_processes(nworkers: int, body: Callable[[int], None], disturber: Disturber) -> int:
+    """Fork `nworkers` children running body(worker); returns their aborts."""
+    return _reap_workers(*_fork_workers(nworkers, body, disturber), disturber)
 
 
 def _configure_injection(inject, point: int, loops: int, action: str):
@@ -341,8 +352,10 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
     ``setup(stack)`` builds the structure (registering its cleanup on
     ``stack``) and returns ``(work, check)``: ``work(worker, in_child)`` runs
     one worker's operations, ``check()`` returns ``(expected, got)``.  The
-    workers run as threads or forked processes while the injection point is
-    widened and a disturber signals and migrates them."""
+    workers run as threads, forked processes, or both at once ("mixed":
+    producers in several processes and several threads of this one), while
+    the injection point is widened and a disturber signals and migrates
+    them."""
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         old_handler = signal.signal(signal.SIGUSR1, _ignore)
@@ -357,6 +370,17 @@ def _run_case(name: str, *, point: int, action: str, loops: int, workers: str,
         if workers == "threads":
             numbers = itertools.count()
             _run_threads(nworkers, lambda: work(next(numbers), False), disturber)
+        elif workers == "mixed":
+            # Processes (forked first, while this process has no worker
+            # thread) and threads of this process produce at the same time.
+            nprocesses = max(1, nworkers // 2)
+            forked = _fork_workers(nprocesses, lambda w: work(w, True), disturber)
+            numbers = itertools.count(nprocesses)
+            try:
+                _run_threads(nworkers - nprocesses, lambda: work(next(numbers), False),
+                             disturber)
+            finally:
+                child_aborts = _reap_workers(*forked, disturber)
         else:
             child_aborts = _run_processes(nworkers, lambda w: work(w, True), disturber)
         disturber.stop()
@@ -901,6 +925,12 @@ def _run(args) -> int:
                 ok &= c["ok"]
                 out(CaseResult(**{k: c[k] for k in ("name", "expected", "got", "aborts",
                                                      "seconds", "skipped")}).line())
+    if local_modes and "cpu" in local_modes:
+        # The ring (rseq.Ring) indexes by cpu_id only: shared memory.
+        from .ring_stress import run_ring_matrix
+        for r in run_ring_matrix(args.quick, out):
+            cases.append(dataclasses.asdict(r) | {"ok": r.ok})
+            ok &= r.ok
     kill = None
     if not args.no_kill:
         kill = kill_test(kills=args.kills)
@@ -909,6 +939,10 @@ def _run(args) -> int:
         pool_kill = pool_kill_test(kills=args.kills)
         out(pool_kill.line())
         ok &= pool_kill.ok
+        from .ring_stress import ring_kill_test
+        ring_kill = ring_kill_test(kills=args.kills)
+        out(ring_kill.line())
+        ok &= ring_kill.ok
     ran = sum(1 for c in cases if not c["skipped"])
     failed = sum(1 for c in cases if not c["ok"])
     out(f"rseq stress: {ran} cases run, {len(cases) - ran} skipped, {failed} failed"

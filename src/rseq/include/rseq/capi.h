@@ -18,7 +18,8 @@
  *
  * The struct only grows: check `size` before using a member added after
  * version 1 (RSEQ_CAPI_HAS(api, member)).  Version 2 added the per-CPU
- * primitives, version 3 the pool functions.
+ * primitives, version 3 the producer side of rseq.Ring, version 4 the pool
+ * functions.
  */
 #ifndef RSEQ_CAPI_H
 #define RSEQ_CAPI_H
@@ -30,7 +31,7 @@
 #include "rseq/abi.h"
 
 #define RSEQ_CAPI_CAPSULE_NAME "rseq._core._C_API"
-#define RSEQ_CAPI_VERSION 3
+#define RSEQ_CAPI_VERSION 4
 
 struct rseq_capi_pool; /* opaque: an rseq.Pool's mapping */
 
@@ -96,7 +97,17 @@ struct rseq_capi {
                                   intptr_t expect, void *dst, const void *src,
                                   size_t len, intptr_t newv, int cpu);
 
-    /* Pools (version 3): alloc and free by index in an rseq.Pool.
+    /* rseq.Ring producer (version 3).  ring_handle(ring) takes an rseq.Ring
+     * (with the GIL) and returns a handle valid while the caller keeps a
+     * reference to that Ring and does not close it; NULL with an exception
+     * set if it is not a writable open ring.  ring_put(handle, data, len)
+     * may be called without the GIL, from any thread: 1 committed, 0
+     * dropped (drop policy, lane full), -EMSGSIZE longer than the ring's
+     * max_record, -ENOMEM, -EUCLEAN the ring is corrupt. */
+    void *(*ring_handle)(PyObject *ring);
+    int (*ring_put)(void *handle, const void *data, size_t len);
+
+    /* Pools (version 4): alloc and free by index in an rseq.Pool.
      * pool_of(pool._map) (with the GIL) returns a handle valid while the
      * rseq.Pool object or its blocks live; NULL with an exception set when
      * the object is not a writable pool map.  The others need no GIL. */
