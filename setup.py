@@ -33,7 +33,7 @@ CFLAGS = ["-std=gnu11", "-O2", "-Wall", "-Wextra", "-Wno-missing-field-initializ
 INCLUDES = ["csrc/lib", "csrc/py", "src/rseq/include"]
 # The per-CPU data structures of the binding, built again with injection.
 PER_CPU_SOURCES = ["csrc/lib/cpus.c", "csrc/py/counter.c", "csrc/py/arena.c",
-                   "csrc/py/ring.c"]
+                   "csrc/py/pool.c", "csrc/py/ring.c"]
 
 
 def extension(name, srcs, macros, includes=INCLUDES):

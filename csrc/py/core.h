@@ -77,4 +77,15 @@ extern const char rseq_py_bench_c_doc[];
 #define RSEQ_BENCH_METHODS \
     {"_bench_c", rseq_py_bench_c, METH_VARARGS, rseq_py_bench_c_doc},
 
+/* pool.c: rseq.Pool's _PoolMap and rseq.PoolBlock, and the pool entries of
+ * the C API capsule. */
+int rseq_pool_add_types(PyObject *module);
+struct rseq_capi_pool;
+struct rseq_capi_pool *rseq_capi_pool_of(PyObject *pool_map);
+int64_t rseq_capi_pool_alloc(struct rseq_capi_pool *pool);
+int rseq_capi_pool_free(struct rseq_capi_pool *pool, uint64_t index);
+void *rseq_capi_pool_block(struct rseq_capi_pool *pool, uint64_t index);
+uint64_t rseq_capi_pool_block_size(struct rseq_capi_pool *pool);
+uint64_t rseq_capi_pool_block_count(struct rseq_capi_pool *pool);
+
 #endif /* RSEQ_PY_CORE_H */

@@ -393,6 +393,12 @@ static const struct rseq_capi capi = {
     .load_cbne_memcpy_store = capi_load_cbne_memcpy_store,
     .ring_handle = rseq_ring_handle,
     .ring_put = rseq_ring_put,
+    .pool_of = rseq_capi_pool_of,
+    .pool_alloc = rseq_capi_pool_alloc,
+    .pool_free = rseq_capi_pool_free,
+    .pool_block = rseq_capi_pool_block,
+    .pool_block_size = rseq_capi_pool_block_size,
+    .pool_block_count = rseq_capi_pool_block_count,
 };
 
 /* ------------------------------------------------------------------------
@@ -611,7 +617,7 @@ static int module_exec(PyObject *module)
         return -1;
     if (rseq_ring_add_types(module) < 0)
         return -1;
-    if (rseq_metrics_add_types(module) < 0)
+    if (rseq_pool_add_types(module) < 0 || rseq_metrics_add_types(module) < 0)
         return -1;
 
     PyObject *capsule = PyCapsule_New((void *)&capi, RSEQ_CAPI_CAPSULE_NAME, NULL);

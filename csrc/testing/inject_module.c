@@ -258,8 +258,8 @@ static int module_exec(PyObject *module)
 #undef TAKE
     Py_DECREF(core);
     if (rseq_counter_add_types(module) < 0 || rseq_arena_add_types(module) < 0
-        || rseq_primitive_add_constants(module) < 0 || add_injection_points(module) < 0
-        || rseq_ring_add_types(module) < 0)
+        || rseq_pool_add_types(module) < 0 || rseq_primitive_add_constants(module) < 0
+        || add_injection_points(module) < 0 || rseq_ring_add_types(module) < 0)
         return -1;
     if (PyModule_AddIntConstant(module, "POINTS", RSEQ_INJECT_POINTS) < 0
         || PyModule_AddIntConstant(module, "MODE_YIELD", RSEQ_INJECT_MODE_YIELD) < 0

@@ -26,6 +26,8 @@ const struct workload_points workload_points[] = {
     {"list", LIST_OR_LOG_MASK},
     {"store_store", LIST_OR_LOG_MASK},
     {"memcpy", LIST_OR_LOG_MASK | MASK(5)},
+    {"pool", LIST_OR_LOG_MASK}, /* rseq.Pool (pool.h): its pop and push sequences, 8
+                                   between reading a stack and its sequence */
 };
 const size_t workload_points_count = sizeof(workload_points) / sizeof(workload_points[0]);
 

@@ -13,6 +13,7 @@ from ._core import (
     ArenaFullError,
     NotOwnedWarning,
     PerCpuCounter,
+    PoolBlock,
     RegistrationError,
     RingRecord,
     RseqError,
@@ -25,6 +26,7 @@ from ._core import (
     unregister,
 )
 from ._info import Info, info
+from ._pool import Pool, PoolError, PoolExhaustedError, PoolOwnershipError, PoolStats
 from ._registration import get_include, registered
 from ._ring import Ring, RingBusyError, RingStats
 
@@ -39,6 +41,12 @@ __all__ = [
     "Info",
     "NotOwnedWarning",
     "PerCpuCounter",
+    "Pool",
+    "PoolBlock",
+    "PoolError",
+    "PoolExhaustedError",
+    "PoolOwnershipError",
+    "PoolStats",
     "RegistrationError",
     "Ring",
     "RingBusyError",

@@ -32,6 +32,8 @@ def _timer(case) -> timeit.Timer:
     is called directly (a bound method, a builtin), never through a wrapper
     that would add a Python frame to every figure."""
     fn, stmt = case if isinstance(case, tuple) else (case, "f()")
+    if isinstance(fn, dict):  # (names, statement): several callables in one statement
+        return timeit.Timer(stmt, globals=dict(fn))
     return timeit.Timer(stmt, globals={"f": fn})
 
 
@@ -276,6 +278,128 @@ def bench_counters(quick: bool = False) -> dict:
             "ratio_to_floor": ratios, "floor": "{}.get(1) [floor]",
             "throughput": throughput,
             "c_level_ns": c_level, "targets": targets, "notes": notes}
+
+
+# ---------------------------------------------------------------------------
+# Pool
+# ---------------------------------------------------------------------------
+
+_STRACE_LOOP = r"""
+import os, sys
+import rseq
+pool = rseq.Pool.create(sys.argv[1], block_size=4096, block_count=64)
+rseq.Pool.unlink(pool.path)
+alloc, free = pool.alloc_index, pool.free
+for _ in range(1000):   # warm up: caches filled, identity computed
+    free(alloc())
+for _ in range(int(sys.argv[2])):
+    free(alloc())
+"""
+
+
+def pool_syscalls(pairs: int = 1_000_000) -> dict | None:
+    """System calls of ``pairs`` alloc_index() + free() pairs in steady
+    state: ``strace -c -f`` of the same script with 0 and with ``pairs``
+    pairs; the difference is what the loop costs.  None without strace."""
+    import shutil
+    strace = shutil.which("strace")
+    if strace is None:
+        return None
+    totals = {}
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp:
+        for n in (0, pairs):
+            out = os.path.join(tmp, f"strace-{n}")
+            proc = subprocess.run([strace, "-c", "-f", "-o", out, sys.executable, "-c",
+                                   _STRACE_LOOP, os.path.join(tmp, f"pool-{n}"), str(n)],
+                                  capture_output=True, text=True, timeout=300)
+            if proc.returncode != 0:
+                return None
+            with open(out) as report:
+                lines = [line.split() for line in report if line.strip().endswith("total")]
+            if not lines:
+                return None
+            totals[n] = int(lines[-1][3 if len(lines[-1]) >= 5 else 2])
+    return {"pairs": pairs, "syscalls without the loop": totals[0],
+            "syscalls with the loop": totals[pairs],
+            "syscalls per pair": (totals[pairs] - totals[0]) / pairs,
+            "command": "strace -c -f python -c '<loop of alloc_index()+free()>'"}
+
+
+def bench_pool(quick: bool = False) -> dict:
+    """rseq.Pool alloc + free beside the call floor, bytearray, numpy and
+    multiprocessing.shared_memory; C-level pairs beside malloc/free; and the
+    system calls of the steady state."""
+    from multiprocessing import shared_memory
+
+    from ._pool import Pool
+
+    rounds = 5 if quick else 15
+    seconds = 0.01 if quick else 0.03
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="rseq-bench-") as tmp, \
+            Pool.create(os.path.join(tmp, "pool"), block_size=4096, block_count=256) as pool:
+        def shm_create_close_unlink():
+            shm = shared_memory.SharedMemory(create=True, size=4096)
+            shm.close()
+            shm.unlink()
+
+        pair = {"a": pool.alloc_index, "f": pool.free}
+        with_view = {"a": pool.alloc, "f": pool.free, "m": memoryview}
+        cases: dict = {
+            "{}.get(1) [floor]": ({}.get, "f(1)"),
+            "pool.alloc_index() + pool.free(i)": (pair, "f(a())"),
+            "pool.alloc() + memoryview + free": (with_view, "b = a(); v = m(b); f(b)"),
+            "with pool.alloc() as mv: (frees)": ({"a": pool.alloc},
+                                                 "with a() as mv: pass"),
+            "bytearray(64)": ({"f": bytearray}, "f(64)"),
+            "bytearray(4096)": ({"f": bytearray}, "f(4096)"),
+            "SharedMemory(4096) + close + unlink": shm_create_close_unlink,
+        }
+        try:
+            import numpy
+            cases["pool.alloc() + numpy.frombuffer + free"] = (
+                {"a": pool.alloc, "f": pool.free, "fb": numpy.frombuffer,
+                 "d": numpy.float64}, "b = a(); x = fb(b, d); del x; f(b)")
+            cases["numpy.empty(512) (4096 bytes)"] = ({"f": numpy.empty}, "f(512)")
+        except ImportError:
+            notes.append("numpy not installed (pip install numpy) to compare")
+        ns = measure(cases, rounds=rounds, seconds_per_sample=seconds)
+        iterations = 1_000_000 if quick else 10_000_000
+        c_level = {
+            "rseq.Pool alloc + free (by index)": statistics.median(
+                pool._map._bench_pairs("pool", iterations) for _ in range(3 if quick else 7)),
+            "malloc(4096) + free": statistics.median(
+                pool._map._bench_pairs("malloc", iterations)
+                for _ in range(3 if quick else 7)),
+        }
+    notes.append("librseq's mempool is not built here (it is process-private memory "
+                 "anyway): the C reference is glibc malloc/free")
+    syscalls = None if quick else pool_syscalls()
+    if syscalls is None and not quick:
+        notes.append("strace not found: the system-call count was not measured")
+    floor = ns["{}.get(1) [floor]"]
+    ratios = {name: v / floor for name, v in ns.items()}
+    pair_ns = ns["pool.alloc_index() + pool.free(i)"]
+    view_ns = ns["pool.alloc() + memoryview + free"]
+    shm_ns = ns["SharedMemory(4096) + close + unlink"]
+    targets = {
+        "alloc_index() + free() at most 2x {}.get(1)": {
+            "value": pair_ns / floor, "limit": 2.0, "ok": pair_ns / floor <= 2.0},
+        "alloc() + memoryview + free at most bytearray(4096)": {
+            "value": view_ns / ns["bytearray(4096)"], "limit": 1.0,
+            "ok": view_ns <= ns["bytearray(4096)"]},
+        "at least 100x faster than SharedMemory create + close + unlink": {
+            "value": shm_ns / view_ns, "limit": 100.0, "ok": shm_ns / view_ns >= 100.0,
+            "higher_is_better": True},
+    }
+    if syscalls is not None:
+        targets["zero system calls per pair in the steady state"] = {
+            "value": syscalls["syscalls per pair"], "limit": 0.0,
+            "ok": syscalls["syscalls per pair"] < 1e-4, "unit": ""}
+    return {"title": "pool: alloc + free of a 4096-byte block", "unit": "ns/call",
+            "rounds": rounds, "ns": ns, "ratio_to_floor": ratios,
+            "floor": "{}.get(1) [floor]", "c_level_ns": c_level, "syscalls": syscalls,
+            "targets": targets, "notes": notes}
 
 
 # ---------------------------------------------------------------------------
@@ -620,7 +744,8 @@ def bench_metrics(quick: bool = False) -> dict:
 
 
 SECTIONS: dict[str, Callable[..., dict]] = {"reads": bench_reads, "counters": bench_counters,
-                                            "ring": bench_ring, "metrics": bench_metrics}
+                                            "ring": bench_ring, "metrics": bench_metrics,
+                                            "pool": bench_pool}
 
 
 def plot(results: dict, path: str) -> None:
@@ -693,6 +818,11 @@ def format_section(result: dict) -> str:
         lines.append("  C level, ns per operation per thread:")
         for label, v in result["c_level_ns"].items():
             lines.append(f"    {label:<40} {v:>6.2f}")
+    if result.get("syscalls"):
+        sc = result["syscalls"]
+        lines.append(f"  system calls (strace -c -f): {sc['syscalls with the loop']} with "
+                     f"{sc['pairs']:,} pairs, {sc['syscalls without the loop']} without: "
+                     f"{sc['syscalls per pair']:.6f} per pair")
     lines.extend(result.get("extra_lines", []))
     for label, t in result["targets"].items():
         unit = t.get("unit", "x")

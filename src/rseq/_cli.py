@@ -52,6 +52,7 @@ SUBCOMMAND_MODULES = (
     "rseq.model.cli",       # model list | check | conformance
     "rseq._ring",           # ring stats | tail
     "rseq.metrics._cli",    # metrics show | serve
+    "rseq._pool",           # pool stats
 )
 
 

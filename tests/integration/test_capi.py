@@ -237,3 +237,38 @@ def test_primitives_on_the_fallback_path(capi_dir):
     assert result["sum"] == 200000
     assert result["census"] == [32, 32]
     assert result["bov"][:2] == [0, 1] and result["bov"][4] == "committed copy!"
+
+
+# ---------------------------------------------------------------------------
+# rseq.Pool through the C API (version 3)
+# ---------------------------------------------------------------------------
+
+def test_pool_alloc_and_free_by_index_from_c(ext, tmp_path):
+    """Threads of a C extension allocate and free blocks without the GIL;
+    the tags they write are never found overwritten, and the pool ends
+    exact."""
+    import threading
+
+    import rseq
+    from rseq.testing.stress import pool_exact
+    ext.import_api()
+    with rseq.Pool.create(str(tmp_path / "pool"), block_size=64, block_count=16,
+                          cache=4) as pool:
+        out = []
+        threads = [threading.Thread(target=lambda: out.append(
+            ext.pool_churn(pool._map, 20000, 3))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [r[:3] for r in out] == [(0, 0, 0)] * 4
+        assert out[0][3:] == (64, 16)
+        assert pool_exact(pool) is None
+        # result codes: freed, double free (-3), out of range (-2), no block
+        assert ext.pool_errors(pool._map) == (0, -3, -2, False)
+        with pytest.raises(TypeError, match="_PoolMap"):
+            ext.pool_churn(object(), 1, 1)
+    with rseq.Pool.create(str(tmp_path / "ro"), block_size=64, block_count=4) as pool, \
+            rseq.Pool.open(pool.path, readonly=True) as ro, \
+            pytest.raises(ValueError, match="read-only"):
+        ext.pool_churn(ro._map, 1, 1)

@@ -143,3 +143,17 @@ def test_ring_broken_twins_fail_for_their_own_reason():
     result = explore("ring-plain", "linux-6.3")
     assert any(word in result.violation for word in ("torn record", "committed", "twice"))
     assert any("preempt" in str(move) for move in result.schedule)
+
+
+def test_pool_broken_twin_leaks_a_block_when_killed_after_the_commit():
+    """rseq.Pool's pop must record the owner inside its sequence: the twin that
+    commits first leaks the block when its process dies between the two."""
+    result = explore("pool-owner-after-commit", preemptions=0)
+    assert not result.holds
+    assert "is lost" in result.violation
+    text = "\n".join(result.trace)
+    assert "(commit)" in text and "SIGKILL here? -> 1" in text
+    # the last thing before the violation: the commit, then the kill
+    commit = max(i for i, line in enumerate(result.trace) if "(commit)" in line)
+    assert "SIGKILL here? -> 1" in result.trace[commit + 1]
+

@@ -117,7 +117,7 @@ def test_usage_errors_are_one_line(argv, fragment):
     assert "Traceback" not in proc.stderr
 
 
-SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "ring", "metrics"]
+SUBCOMMANDS = ["info", "inspect", "bench", "stress", "model", "ring", "metrics", "pool"]
 
 
 def test_help_lists_every_subcommand():
@@ -183,6 +183,11 @@ BAD_INPUT = [
     (["metrics", "serve", "x", "--port", "70000"], "argument --port: must be a TCP port "
                                                     "(0 to 65535), got 70000"),
     (["metrics", "serve", "x", "--port", "-1"], "argument --port: must be a TCP port"),
+    (["pool"], "python -m rseq pool: error: the following arguments are required: SUBCOMMAND"),
+    (["pool", "frobnicate"], "python -m rseq pool: error: argument SUBCOMMAND: invalid choice"),
+    (["pool", "stats"], "python -m rseq pool stats: error: the following arguments are required"),
+    (["pool", "stats", "/nonexistent/pool", "--bogus"], "unrecognized arguments: --bogus"),
+    (["pool", "stats", "/nonexistent/pool"], "python -m rseq pool stats: error: no pool"),
 ]
 
 

@@ -6,7 +6,9 @@ critical section is widened and the workers are disturbed, then checks the
 exact expected total:
 
   structure   PerCpuCounter (threads) and ArenaCounter (threads, processes),
-              and each per-CPU primitive (rseq._inject.PRIMITIVES)
+              each per-CPU primitive (rseq._inject.PRIMITIVES), and rseq.Pool
+              (threads, processes: no block with two holders, every block
+              free exactly once at the end)
   point       the numbered injection points of inject.h
   action      yield / sleep at the C points, or a signal storm
   index       cpu_id, and mm_cid where the registration covers it (the mm_cid
@@ -16,7 +18,8 @@ exact expected total:
 The kill test SIGKILLs arena workers at random instants and checks that the
 arena still validates, no key is left claimed by a dead process in a way
 that blocks, and the counter lies between what the workers had committed and
-that plus one per kill.
+that plus one per kill.  The pool kill test SIGKILLs allocating processes and
+checks that reclaim() gives back every block they held, each free once.
 """
 from __future__ import annotations
 
@@ -454,6 +457,94 @@ def primitive_case(*, primitive: str, point: int, action: str, index: str, worke
 
 
 # ---------------------------------------------------------------------------
+# Pool cases (rseq.Pool through the test build)
+# ---------------------------------------------------------------------------
+
+# Points the pool passes through: 1-4 inside its pop and push sequences, 7
+# before them, 8 between reading a stack and its sequence (and inside the
+# overflow's two-step moves), 9 after an abort.
+POOL_POINTS = _inject.INJECTION_POINTS["pool"]
+
+
+def pool_exact(pool) -> str | None:
+    """None if every block of ``pool`` is free exactly once (nobody owns
+    any); otherwise what is wrong.  Stack entries counted twice would make
+    the free count pass the block count, a lost block would leave it short."""
+    census = pool._map.census(False)
+    free = census["on_stacks"] + census["in_overflow"]
+    if census["live_owned"] or census["dead_owned"] or census["damaged"] or \
+            free != pool.block_count:
+        return (f"{pool.block_count} blocks: {census['on_stacks']} on CPU stacks + "
+                f"{census['in_overflow']} in the overflow, {census['live_owned']} owned by "
+                f"live and {census['dead_owned']} by dead processes, "
+                f"{census['damaged']} damaged stack entries")
+    return None
+
+
+def _pool_worker(pool_map, worker: int, reps: int, hold: int, seed: int) -> int:
+    """Allocate and free ``reps`` blocks, holding up to ``hold`` at once; each
+    block carries its holder's tag at both ends, checked before it is freed.
+    Returns the number of blocks found with another holder's tag."""
+    rng = random.Random(seed)
+    held: list[tuple[int, memoryview, int]] = []
+    clashes = 0
+    for n in range(reps):
+        index = pool_map.alloc_index()
+        view = pool_map.view(index).cast("q")
+        tag = (worker + 1) << 32 | n
+        view[0] = tag
+        view[-1] = tag
+        held.append((index, view, tag))
+        if len(held) >= hold or rng.random() < 0.5:
+            index, view, tag = held.pop(rng.randrange(len(held)))
+            clashes += view[0] != tag or view[-1] != tag
+            pool_map.free(index)
+    for index, view, tag in held:
+        clashes += view[0] != tag or view[-1] != tag
+        pool_map.free(index)
+    return clashes
+
+
+def pool_case(*, point: int, action: str, workers: str, nworkers: int, reps: int,
+              loops: int, migrate: bool = True, blocks: int = 24, cache: int = 4,
+              hold: int = 3) -> CaseResult:
+    """Threads or processes allocate and free under the disturber with one
+    injection point widened; expected: every cycle clean (no block with two
+    holders) and, at the end, every block free exactly once."""
+    import rseq
+
+    from .. import _inject
+
+    name = f"pool    point={point} action={action:<6} index=cpu    workers={workers}"
+
+    def setup(stack):
+        path = os.path.join(stack.enter_context(
+            tempfile.TemporaryDirectory(prefix="rseq-stress-")), "pool")
+        pool = stack.enter_context(rseq.Pool.create(path, block_size=64, block_count=blocks,
+                                                    cache=cache))
+        shared_map = pool._map_through(_inject)
+        clashes = _SharedCounts(nworkers)
+
+        def work(worker, in_child):
+            pool_map = (rseq.Pool.open(path)._map_through(_inject) if in_child
+                        else shared_map)
+            clashes[worker] = _pool_worker(pool_map, worker, reps, hold, worker)
+
+        def check():
+            problem = pool_exact(pool)
+            bad = clashes.total()
+            # got = clean cycles; a clash or an inexact pool shows as a shortfall
+            got = nworkers * reps - bad - (problem is not None)
+            if problem:
+                print(f"  pool not exact after {name}: {problem}", file=sys.stderr)
+            return nworkers * reps, got
+        return work, check
+
+    return _run_case(name, point=point, action=action, loops=loops, workers=workers,
+                     nworkers=nworkers, migrate=migrate, setup=setup)
+
+
+# ---------------------------------------------------------------------------
 # Kill test
 # ---------------------------------------------------------------------------
 
@@ -576,6 +667,181 @@ def kill_test(kills: int = 100, workers: int = 3, seed: int = 0) -> KillResult:
         os.rmdir(tmpdir)
 
 
+@dataclasses.dataclass
+class PoolKillResult:
+    kills: int
+    reclaimed: int
+    reclaimed_while_running: int
+    blocks: int
+    seconds: float
+    problems: list
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def line(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        text = (f"  {status}  pool kill test: {self.kills} SIGKILLs of allocating processes, "
+                f"reclaim() recovered {self.reclaimed} blocks at the end and "
+                f"{self.reclaimed_while_running} while workers ran (from a process "
+                f"reclaiming all the time, and the test's), "
+                f"{self.blocks} blocks all free exactly once, {self.seconds:.1f}s")
+        return "\n".join([text] + [f"        problem: {p}" for p in self.problems])
+
+
+def _pool_kill_worker(path: str, seed: int, loops: int, control=None):
+    """Allocate and free until killed; with ``control`` (the steady worker,
+    never killed): until control[0] is set, then free everything, set
+    control[1] and wait to be killed."""
+    import rseq
+
+    from .. import _inject
+    rng = random.Random(seed)
+    # Wide windows inside the sequences and between the overflow's steps,
+    # so that kills land there too.
+    for point in (3, 4, 8):
+        _inject.set_loops(point, loops)
+    pool_map = rseq.Pool.open(path)._map_through(_inject)
+    held = []
+    me = os.getpid()
+    while True:
+        if control is not None and control[0]:
+            for index in held:
+                pool_map.free(index)
+            control[1] = 1
+            while True:
+                time.sleep(1)
+        if len(held) < 4 and rng.random() < 0.6:
+            try:
+                index = pool_map.alloc_index()
+            except rseq.PoolExhaustedError:
+                index = None
+            if index is not None:
+                pool_map.view(index).cast("q")[0] = me
+                held.append(index)
+        elif held:
+            index = held.pop(rng.randrange(len(held)))
+            if pool_map.view(index).cast("q")[0] != me:
+                os._exit(3)   # a block with two holders: reported by the exit status
+            pool_map.free(index)
+
+
+def pool_kill_test(kills: int = 100, workers: int = 3, seed: int = 0,
+                   blocks: int = 32, cache: int = 4, loops: int = 50000) -> PoolKillResult:
+    """SIGKILL allocating processes at random instants (inside sequences
+    and between the overflow's steps too, widened by ``loops``), with
+    another process running reclaim() all the time and a steady worker that
+    is never killed; at the end reclaim() must give back every block the
+    dead held, each free exactly once (none left owned by the live steady
+    worker), and the pool must still serve all of its blocks.  With the pop
+    that commits before it records the owner, about one run in two fails
+    here (a block left with the steady worker's stale owner word); the
+    model's pool-owner-after-commit finds it every time."""
+    import rseq
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    tmpdir = tempfile.mkdtemp(prefix="rseq-kill-")
+    path = os.path.join(tmpdir, "pool")
+    problems: list[str] = []
+    pool = rseq.Pool.create(path, block_size=64, block_count=blocks, cache=cache)
+    running: set[int] = set()
+    killed = 0
+    during = 0
+
+    def spawn(n):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _pool_kill_worker(path, seed * 100003 + n, loops)
+            finally:
+                os._exit(1)
+        running.add(pid)
+
+    def reap(pid):
+        _, status = os.waitpid(pid, 0)
+        if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+            problems.append(f"worker {pid} ended by itself: status {status:#x} "
+                            f"(3: it found a block with another holder)")
+
+    # A steady worker that is never killed: the blocks it frees carry its
+    # (live) identity, so a kill that left one of them out of every stack
+    # with that stale owner word (a pop that committed before it recorded
+    # the owner) would show as a block owned by a live process at the end.
+    control = memoryview(mmap.mmap(-1, 24)).cast("q")  # stop, stopped, reclaimed
+    steady = os.fork()
+    if steady == 0:
+        try:
+            _pool_kill_worker(path, seed * 100003 + 99991, loops, control)
+        finally:
+            os._exit(1)
+    # A process that runs reclaim() all the time, from outside, while the
+    # workers allocate and die: reclaim() must never free a block that a
+    # live worker holds (the workers' tags would show it).
+    reclaimer = os.fork()
+    if reclaimer == 0:
+        try:
+            other = rseq.Pool.open(path)
+            while True:
+                control[2] += other.reclaim()
+                time.sleep(0.0005)
+        finally:
+            os._exit(1)
+
+    try:
+        for n in range(workers):
+            spawn(n)
+        while killed < kills:
+            time.sleep(rng.uniform(0.0, 0.01))
+            pid = rng.choice(sorted(running))
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+            running.discard(pid)
+            killed += 1
+            if killed % 10 == 0:
+                during += pool.reclaim()
+            spawn(workers + killed)
+        for pid in list(running):
+            os.kill(pid, signal.SIGKILL)
+            reap(pid)
+            killed += 1
+        running.clear()
+        os.kill(reclaimer, signal.SIGKILL)
+        os.waitpid(reclaimer, 0)
+        reclaimer = 0
+        control[0] = 1              # the steady worker frees all it holds
+        deadline = time.monotonic() + 30
+        while not control[1] and time.monotonic() < deadline:
+            time.sleep(0.001)
+        if not control[1]:
+            problems.append("the steady worker did not stop")
+        reclaimed = pool.reclaim()
+        problem = pool_exact(pool)  # the steady worker is still alive here
+        if problem:
+            problems.append(f"after reclaim(): {problem}")
+        os.kill(steady, signal.SIGKILL)
+        os.waitpid(steady, 0)
+        steady = 0
+        # Still usable: every block can be allocated (none twice), then freed.
+        got = [pool.alloc_index() for _ in range(blocks)]
+        if sorted(got) != list(range(blocks)):
+            problems.append(f"allocating every block gave {sorted(got)}")
+        for index in got:
+            pool.free(index)
+        problem = pool_exact(pool)
+        if problem:
+            problems.append(f"after a full round: {problem}")
+        return PoolKillResult(killed, reclaimed, during + control[2], blocks,
+                              time.perf_counter() - start, problems)
+    finally:
+        for pid in running | {p for p in (reclaimer, steady) if p}:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        pool.close()
+        os.unlink(path)
+        os.rmdir(tmpdir)
+
+
 # ---------------------------------------------------------------------------
 # The matrix
 # ---------------------------------------------------------------------------
@@ -598,6 +864,12 @@ def matrix(quick: bool, index_modes: tuple[str, ...]):
                 points, ACTIONS, index_modes, ("threads", "processes")):
             yield "primitive", dict(primitive=primitive, point=point, action=action,
                                     index=index, workers=workers)
+    if "cpu" in index_modes:  # a shared pool indexes by cpu_id only
+        points = tuple(p for p in POOL_POINTS if p in QUICK_POINTS or p == 8) if quick \
+            else POOL_POINTS
+        for point, action, workers in itertools.product(points, ACTIONS,
+                                                        ("threads", "processes")):
+            yield "pool", dict(point=point, action=action, workers=workers)
 
 
 def run_matrix(quick: bool, index_modes: tuple[str, ...], out=print) -> list[CaseResult]:
@@ -608,7 +880,7 @@ def run_matrix(quick: bool, index_modes: tuple[str, ...], out=print) -> list[Cas
     loops = 20000
     results = []
     for kind, params in matrix(quick, index_modes):
-        run = counter_case if kind == "counter" else primitive_case
+        run = {"counter": counter_case, "primitive": primitive_case, "pool": pool_case}[kind]
         result = run(nworkers=nworkers, reps=reps, loops=loops, **params)
         results.append(result)
         out(result.line())
@@ -664,6 +936,9 @@ def _run(args) -> int:
         kill = kill_test(kills=args.kills)
         out(kill.line())
         ok &= kill.ok
+        pool_kill = pool_kill_test(kills=args.kills)
+        out(pool_kill.line())
+        ok &= pool_kill.ok
         from .ring_stress import ring_kill_test
         ring_kill = ring_kill_test(kills=args.kills)
         out(ring_kill.line())

@@ -327,7 +327,86 @@ static PyObject *bov_and_memcpy(PyObject *self, PyObject *unused)
                          (int)versions[(cpu % MAX_CPUS) * LINE], copies[cpu % MAX_CPUS]);
 }
 
+/* pool_churn(pool_map, rounds, hold): allocate and free blocks of an
+ * rseq.Pool through the C API (version 3), GIL released, holding up to
+ * `hold` at once; each block carries the thread's tag, checked before it is
+ * freed.  Returns (clashes, exhausted, errors, block size, block count). */
+static PyObject *pool_churn(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *map;
+    long rounds, hold;
+    NEED_API();
+    if (!PyArg_ParseTuple(args, "Oll", &map, &rounds, &hold))
+        return NULL;
+    if (!RSEQ_CAPI_HAS(api, pool_block_count)) {
+        PyErr_SetString(PyExc_RuntimeError, "the C API has no pool functions");
+        return NULL;
+    }
+    struct rseq_capi_pool *pool = api->pool_of(map);
+    if (!pool)
+        return NULL;
+    if (hold < 1 || hold > 16) {
+        PyErr_SetString(PyExc_ValueError, "hold in 1..16");
+        return NULL;
+    }
+    long clashes = 0, exhausted = 0, errors = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t held[16], tags[16];
+    long nheld = 0;
+    uint64_t tag = (uint64_t)syscall(SYS_gettid) << 32;
+    for (long i = 0; i < rounds; i++) {
+        int64_t index = api->pool_alloc(pool);
+        if (index == -1) {
+            exhausted++;
+        } else if (index < 0) {
+            errors++;
+        } else {
+            uint64_t *words = api->pool_block(pool, (uint64_t)index);
+            tags[nheld] = tag | (uint64_t)(i & 0xffffffff);
+            words[0] = tags[nheld];
+            held[nheld++] = (uint64_t)index;
+        }
+        if (nheld == hold || (nheld && (i & 1))) {
+            nheld--;
+            uint64_t *words = api->pool_block(pool, held[nheld]);
+            clashes += words[0] != tags[nheld];
+            if (api->pool_free(pool, held[nheld]) != 0)
+                errors++;
+        }
+    }
+    while (nheld) {
+        nheld--;
+        if (api->pool_free(pool, held[nheld]) != 0)
+            errors++;
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(lllKK)", clashes, exhausted, errors,
+                         (unsigned long long)api->pool_block_size(pool),
+                         (unsigned long long)api->pool_block_count(pool));
+}
+
+/* pool_errors(pool_map): the result codes of the C API's pool functions for
+ * an index out of range, a double free, and NULL for a block out of range. */
+static PyObject *pool_errors(PyObject *self, PyObject *map)
+{
+    (void)self;
+    NEED_API();
+    struct rseq_capi_pool *pool = api->pool_of(map);
+    if (!pool)
+        return NULL;
+    uint64_t count = api->pool_block_count(pool);
+    int64_t i = api->pool_alloc(pool);
+    int first = api->pool_free(pool, (uint64_t)i);
+    int again = api->pool_free(pool, (uint64_t)i);
+    int range = api->pool_free(pool, count);
+    void *beyond = api->pool_block(pool, count);
+    return Py_BuildValue("(iiiO)", first, again, range, beyond ? Py_True : Py_False);
+}
+
 static PyMethodDef methods[] = {
+    {"pool_churn", pool_churn, METH_VARARGS, NULL},
+    {"pool_errors", pool_errors, METH_O, NULL},
     {"import_api", import_api, METH_NOARGS, NULL},
     {"thread_area", thread_area, METH_NOARGS, NULL},
     {"thread_area_size", thread_area_size, METH_NOARGS, NULL},

@@ -18,7 +18,8 @@
  *
  * The struct only grows: check `size` before using a member added after
  * version 1 (RSEQ_CAPI_HAS(api, member)).  Version 2 added the per-CPU
- * primitives, version 3 the producer side of rseq.Ring.
+ * primitives, version 3 the producer side of rseq.Ring, version 4 the pool
+ * functions.
  */
 #ifndef RSEQ_CAPI_H
 #define RSEQ_CAPI_H
@@ -30,7 +31,9 @@
 #include "rseq/abi.h"
 
 #define RSEQ_CAPI_CAPSULE_NAME "rseq._core._C_API"
-#define RSEQ_CAPI_VERSION 3
+#define RSEQ_CAPI_VERSION 4
+
+struct rseq_capi_pool; /* opaque: an rseq.Pool's mapping */
 
 enum rseq_capi_index_mode { RSEQ_CAPI_INDEX_CPU_ID = 0, RSEQ_CAPI_INDEX_MM_CID = 1 };
 
@@ -103,6 +106,24 @@ struct rseq_capi {
      * max_record, -ENOMEM, -EUCLEAN the ring is corrupt. */
     void *(*ring_handle)(PyObject *ring);
     int (*ring_put)(void *handle, const void *data, size_t len);
+
+    /* Pools (version 4): alloc and free by index in an rseq.Pool.
+     * pool_of(pool._map) (with the GIL) returns a handle valid while the
+     * rseq.Pool object or its blocks live; NULL with an exception set when
+     * the object is not a writable pool map.  The others need no GIL. */
+    struct rseq_capi_pool *(*pool_of)(PyObject *pool_map);
+    /* A block owned by the calling process: its index; -1 when no block is
+     * free (after reclaiming dead processes' blocks); -5 when the pool is
+     * corrupt. */
+    int64_t (*pool_alloc)(struct rseq_capi_pool *pool);
+    /* 0 freed; -2 index out of range; -3 already free (double free); -4
+     * owned by another process; -5 corrupt. */
+    int (*pool_free)(struct rseq_capi_pool *pool, uint64_t index);
+    /* The address of block `index`, NULL if out of range. */
+    void *(*pool_block)(struct rseq_capi_pool *pool, uint64_t index);
+    /* Block size in bytes and number of blocks. */
+    uint64_t (*pool_block_size)(struct rseq_capi_pool *pool);
+    uint64_t (*pool_block_count)(struct rseq_capi_pool *pool);
 };
 
 #define RSEQ_CAPI_HAS(api, member) \

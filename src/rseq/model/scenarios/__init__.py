@@ -13,10 +13,21 @@ order of ``FAMILIES`` is the order ``python -m rseq model list`` prints.
 
 from __future__ import annotations
 
-from . import counter, interposed, libraries, list_pop, mutex, ring, syscall_in_cs, time_slice
+from . import (
+    counter,
+    interposed,
+    libraries,
+    list_pop,
+    mutex,
+    pool,
+    ring,
+    syscall_in_cs,
+    time_slice,
+)
 from ._base import ALL, LINUX, SIG, Scenario, ThreadSpec
 
-FAMILIES = (counter, list_pop, libraries, interposed, mutex, time_slice, syscall_in_cs, ring)
+FAMILIES = (counter, list_pop, libraries, interposed, mutex, time_slice, syscall_in_cs, ring,
+            pool)
 
 SCENARIOS: dict[str, Scenario] = {}
 for _family in FAMILIES:
