@@ -6,7 +6,6 @@ system-call step at a time, under one of several ABI variants; an explorer
 runs them through every interleaving within a bound.  See docs/model.md.
 """
 
-from . import _pool_scenarios  # noqa: F401  (registers the pool scenarios)
 from ._abi import errno_name
 from ._explore import Result, explore, random_walk, replay
 from ._machine import Machine, Region, Thread
