@@ -210,14 +210,9 @@ class Arena:
         counter) raise ArenaError.  This is what a monitor or exporter
         running as another user needs (the file must be readable by it).
         """
-        path, fd, st = _shmfile.open_checked(name, readonly=bool(readonly), trust=trust,
-                                             what="arena")
-        try:
-            head = os.pread(fd, HEADER_SIZE, 0)
-            layout = parse_header(head, st.st_size, _core.POSSIBLE_CPUS)
-            mapping = _shmfile.map_fd(fd, layout.total_size, readonly=bool(readonly))
-        finally:
-            os.close(fd)
+        path, mapping, layout = _shmfile.open_mapped(
+            name, lambda head, size: parse_header(head, size, _core.POSSIBLE_CPUS),
+            header_size=HEADER_SIZE, readonly=bool(readonly), trust=trust, what="arena")
         try:
             arena_map = cls._build_map(_core, mapping, layout, bool(readonly))
         except BaseException:

@@ -216,13 +216,9 @@ class Ring:
         ``readonly``: map it read-only (a monitor: ``stats()`` works,
         ``put`` and ``consume`` do not).  ``trust``: see ``Arena.open``.
         """
-        path, fd, st = _shmfile.open_checked(name, readonly=readonly, trust=trust, what="ring")
-        try:
-            head = os.pread(fd, HEADER_SIZE, 0)
-            layout = parse_header(head, st.st_size, _core.POSSIBLE_CPUS)
-            mapping = _shmfile.map_fd(fd, layout.total_size, readonly=readonly)
-        finally:
-            os.close(fd)
+        path, mapping, layout = _shmfile.open_mapped(
+            name, lambda head, size: parse_header(head, size, _core.POSSIBLE_CPUS),
+            header_size=HEADER_SIZE, readonly=readonly, trust=trust, what="ring")
         return cls(path, mapping, layout, readonly)
 
     @staticmethod

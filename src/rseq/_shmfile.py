@@ -272,6 +272,22 @@ def open_checked(name: str | os.PathLike, *, readonly: bool = False, trust: obje
     return path, fd, again
 
 
+def open_mapped(name: str | os.PathLike, parse: Callable[[bytes, int], object], *,
+                header_size: int, readonly: bool = False, trust: object = None,
+                what: str = "arena") -> tuple[str, mmap.mmap, object]:
+    """open_checked(), then validate: ``parse(head, file_size)`` gets the
+    first ``header_size`` bytes and returns the layout (raising on a damaged
+    or foreign file) before anything is mapped; the mapping covers the
+    layout's ``total_size``.  Returns (path, mapping, layout)."""
+    path, fd, st = open_checked(name, readonly=readonly, trust=trust, what=what)
+    try:
+        layout = parse(os.pread(fd, header_size, 0), st.st_size)
+        mapping = map_fd(fd, layout.total_size, readonly=readonly)  # type: ignore[attr-defined]
+    finally:
+        os.close(fd)
+    return path, mapping, layout
+
+
 def map_fd(fd: int, size: int, *, readonly: bool = False) -> mmap.mmap:
     """A shared mapping of ``size`` bytes of ``fd``, read-only if asked."""
     if readonly:

@@ -260,12 +260,8 @@ class Storage:
     @classmethod
     def open(cls, name: str | os.PathLike, *, readonly: bool = False,
              trust: object = None) -> Storage:
-        path, fd, st = _shmfile.open_checked(name, readonly=readonly, trust=trust, what=WHAT)
-        try:
-            layout = Layout.unpack(os.pread(fd, PAGE, 0), st.st_size)
-            mapping = _shmfile.map_fd(fd, layout.total_size, readonly=readonly)
-        finally:
-            os.close(fd)
+        path, mapping, layout = _shmfile.open_mapped(
+            name, Layout.unpack, header_size=PAGE, readonly=readonly, trust=trust, what=WHAT)
         return cls(path, mapping, layout, readonly=readonly)
 
     @classmethod
