@@ -344,9 +344,13 @@ static int gather_lane(RingMapObject *m, uint32_t i, Py_ssize_t max, int full,
             uint32_t opos;
             ring_read_oldest(lane, &oseq, &opos);
             if (ring_after(opos, (uint32_t)cur.pos)) {
-                /* Overwritten before we got there: skip, counted by seq. */
+                /* Overwritten before we got there: skip, counted by seq.
+                 * oldest may now lie past the head read above (producers
+                 * went on since): read head again, or the next record would
+                 * look as if it ran past the head. */
                 cur.passed = oseq;
                 cur.pos = opos;
+                head = __atomic_load_n(&lane->head, __ATOMIC_ACQUIRE);
                 if (b->count == 0)
                     b->before = cur;
                 else
@@ -360,8 +364,11 @@ static int gather_lane(RingMapObject *m, uint32_t i, Py_ssize_t max, int full,
         if (ret == 0)
             break;
         if (ret < 0) {
-            if (m->ring.overwrite && ++torn < 1000)
-                continue; /* overwritten under us: oldest has moved on */
+            if (m->ring.overwrite && ++torn < 1000) {
+                /* overwritten under us: oldest has moved on (and head too) */
+                head = __atomic_load_n(&lane->head, __ATOMIC_ACQUIRE);
+                continue;
+            }
             ring_format_error(m, "ring lane %u is corrupt at position %u (record of %u "
                               "bytes, sequence %u, expected %u)", i, (uint32_t)cur.pos,
                               rec.length, rec.seq, (uint32_t)cur.passed);

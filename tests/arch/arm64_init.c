@@ -243,30 +243,42 @@ static void run_case(char *line)
     argv[argc] = NULL;
     envp[envc] = NULL;
 
-    int out[2];
-    if (pipe(out) != 0)
-        return;
-    double t0 = now();
-    pid_t pid = fork();
-    if (pid == 0) {
-        dup2(out[1], 1);
-        dup2(out[1], 2);
-        close(out[0]);
-        execve(argv[0], argv, envp);
-        printf("execve %s: %s\n", argv[0], strerror(errno));
-        _exit(127);
-    }
-    close(out[1]);
     static char buf[1 << 16];
-    size_t len = 0;
-    ssize_t n;
-    while ((n = read(out[0], buf + len, sizeof buf - 1 - len)) > 0)
-        len += (size_t)n;
-    close(out[0]);
-    buf[len] = 0;
     int status = 0;
-    waitpid(pid, &status, 0);
-    double secs = now() - t0;
+    double t0 = now(), secs;
+    /* A case whose only failure is "no sequence aborted" ran before the
+     * storm or the delays hit a sequence (a quiet machine runs a case in
+     * 50 ms): run it again, at most twice.  Wrong totals are never retried. */
+    for (int attempt = 1;; attempt++) {
+        int out[2];
+        if (pipe(out) != 0)
+            return;
+        pid_t pid = fork();
+        if (pid == 0) {
+            dup2(out[1], 1);
+            dup2(out[1], 2);
+            close(out[0]);
+            execve(argv[0], argv, envp);
+            printf("execve %s: %s\n", argv[0], strerror(errno));
+            _exit(127);
+        }
+        close(out[1]);
+        size_t len = 0;
+        ssize_t n;
+        while ((n = read(out[0], buf + len, sizeof buf - 1 - len)) > 0)
+            len += (size_t)n;
+        close(out[0]);
+        buf[len] = 0;
+        waitpid(pid, &status, 0);
+        const char *no_abort = strstr(buf, "FAIL: no sequence aborted");
+        int only_no_abort = no_abort && strstr(buf, "FAIL") == no_abort &&
+                            !strstr(no_abort + 1, "FAIL");
+        if (!(WIFEXITED(status) && WEXITSTATUS(status) == 1 && only_no_abort) || attempt == 3)
+            break;
+        printf("case %s: no sequence aborted on attempt %d, running it again\n", argv[0],
+               attempt);
+    }
+    secs = now() - t0;
 
     cases_run++;
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
