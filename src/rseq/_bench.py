@@ -147,25 +147,32 @@ def _throughput_worker(path: str, seconds: float, start, results, slot: int,
     results[slot] = n
 
 
-def arena_throughput_rounds(rounds: int, seconds: float) -> dict:
-    """Adds per second of 1 and 2 worker processes on one arena counter,
-    alternating round by round; medians, their ratio, and whether every
-    round's total was exact.  Beside it, the same for workers that share
-    nothing at all ({}.get(1)): how far 2 processes scale on this machine
-    at best, measured in the same run."""
+def _scaling_rounds(measure: Callable[..., tuple[float, bool]], name: str, unit: str,
+                    rounds: int, seconds: float) -> dict:
+    """Rates of 1 and 2 worker processes of ``measure`` (``measure(n,
+    seconds, reference=...)`` -> (rate, exact)), alternating round by round;
+    medians, their ratio, and whether every round's total was exact.  Beside
+    it, the same for workers that share nothing at all ({}.get(1)): how far 2
+    processes scale on this machine at best, measured in the same run."""
     samples: dict[tuple[str, int], list[float]] = {}
     exact = True
     for _ in range(rounds):
-        for kind in ("arena", "reference"):
+        for kind in (name, "reference"):
             for n in (1, 2):
-                rate, ok = arena_throughput(n, seconds, reference=kind == "reference")
+                rate, ok = measure(n, seconds, reference=kind == "reference")
                 samples.setdefault((kind, n), []).append(rate)
                 exact &= ok
     med = {key: statistics.median(v) for key, v in samples.items()}
-    return {"1 process (adds/s)": med["arena", 1], "2 processes (adds/s)": med["arena", 2],
-            "ratio": med["arena", 2] / med["arena", 1],
+    return {f"1 process ({unit})": med[name, 1], f"2 processes ({unit})": med[name, 2],
+            "ratio": med[name, 2] / med[name, 1],
             "reference ratio": med["reference", 2] / med["reference", 1],
             "exact": exact, "rounds": rounds}
+
+
+def arena_throughput_rounds(rounds: int, seconds: float) -> dict:
+    """Adds per second of 1 and 2 processes on one arena counter (see
+    _scaling_rounds)."""
+    return _scaling_rounds(arena_throughput, "arena", "adds/s", rounds, seconds)
 
 
 def arena_throughput(processes: int, seconds: float,
@@ -516,19 +523,9 @@ def ring_throughput(processes: int, seconds: float, reference: bool = False) -> 
 
 
 def ring_throughput_rounds(rounds: int, seconds: float) -> dict:
-    samples: dict[tuple[str, int], list[float]] = {}
-    exact = True
-    for _ in range(rounds):
-        for kind in ("ring", "reference"):
-            for n in (1, 2):
-                rate, ok = ring_throughput(n, seconds, reference=kind == "reference")
-                samples.setdefault((kind, n), []).append(rate)
-                exact &= ok
-    med = {key: statistics.median(v) for key, v in samples.items()}
-    return {"1 process (puts/s)": med["ring", 1], "2 processes (puts/s)": med["ring", 2],
-            "ratio": med["ring", 2] / med["ring", 1],
-            "reference ratio": med["reference", 2] / med["reference", 1],
-            "exact": exact, "rounds": rounds}
+    """Puts per second of 1 and 2 producer processes on one ring (see
+    _scaling_rounds)."""
+    return _scaling_rounds(ring_throughput, "ring", "puts/s", rounds, seconds)
 
 
 def _log_loop(logger, n: int, spent, slot: int):
