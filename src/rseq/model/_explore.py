@@ -331,13 +331,13 @@ def explore(
 
     m = scenario.build(variant)
     m.reduce = reduce
-    root = m.snapshot()
     root_key = m.key()
     # visited states: key -> (parent key, move); keys are compact bytes and
-    # moves are interned, so a state costs its key and one small tuple
+    # moves are interned, so a state costs its key and one small tuple.  A
+    # key is also the state's snapshot: the stack holds the same bytes.
     parent: dict[Any, tuple] = {root_key: None}
     interned: dict[tuple, tuple] = {}
-    stack = [(root, root_key, 0)]
+    stack = [(root_key, 0)]
     transitions = terminal = depth_limited = 0
     best: tuple[list[tuple], str] | None = None
     stopped_by: str | None = None
@@ -351,14 +351,14 @@ def explore(
         path.reverse()
         return path
 
-    def expand(snap, key, depth, moves) -> int:
-        """Run every move from ``snap``; returns how many new states."""
+    def expand(key, depth, moves) -> int:
+        """Run every move from state ``key``; returns how many new states."""
         nonlocal transitions, best, stopped_by, stop
         added = 0
         first = True
         for move in moves:
             if not first:
-                m.restore(snap)
+                m.restore(key)
             first = False
             info = m.apply(move)
             transitions += 1
@@ -380,12 +380,12 @@ def explore(
             if stopped_by is not None:
                 stop = True
                 break
-            stack.append((m.snapshot(), child, depth + 1))
+            stack.append((child, depth + 1))
         return added
 
     while stack and not stop:
-        snap, key, depth = stack.pop()
-        m.restore(snap)
+        key, depth = stack.pop()
+        m.restore(key)
         moves = m.choices(limits, use_signals)
         if not moves:
             terminal += 1
@@ -396,16 +396,16 @@ def explore(
         if best is not None and depth + 1 >= len(best[0]):
             continue  # cannot lead to a shorter trace
         reduced = m.reduced
-        if expand(snap, key, depth, moves) == 0 and reduced and not stop:
+        if expand(key, depth, moves) == 0 and reduced and not stop:
             # the cycle proviso: a reduced set that only closes onto
             # states already seen may postpone the other threads forever;
             # expand the state fully instead
-            m.restore(snap)
+            m.restore(key)
             m.reduce = False
             full = m.choices(limits, use_signals)
             m.reduce = reduce
-            m.restore(snap)
-            expand(snap, key, depth, [mv for mv in full if mv not in moves])
+            m.restore(key)
+            expand(key, depth, [mv for mv in full if mv not in moves])
     stack.clear()
 
     if m.reduction_unsound and reduce:

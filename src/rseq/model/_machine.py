@@ -83,6 +83,7 @@ class ProgramTable:
 
     __slots__ = (
         "program", "ctx", "handler", "steps", "edges", "paths", "index", "live", "live_state",
+        "done",
     )
 
     def __init__(self, program: Callable, ctx: Context | None, handler: Callable | None):
@@ -93,6 +94,7 @@ class ProgramTable:
         self.edges: list[dict] = []
         self.paths: list[tuple] = []  # the history that first reached each state
         self.index: dict[tuple, int] = {}
+        self.done = -1  # a finished state, once one is known
         stack: list[list] = []
         self._push(stack, program(ctx))
         self.live = stack
@@ -139,6 +141,13 @@ class ProgramTable:
             self.paths.append(path)
         return state
 
+    def done_state(self) -> int:
+        """A state where the program has finished (or 0): where a thread
+        that no longer runs is put back when a state is restored."""
+        if self.done < 0 or self.steps[self.done] is not None:
+            self.done = next((s for s, step in enumerate(self.steps) if step is None), -1)
+        return max(self.done, 0)
+
     def edge(self, state: int, event: tuple) -> int:
         nxt = self.edges[state].get(event)
         if nxt is None:
@@ -171,8 +180,28 @@ def frame_key(stack: list) -> tuple:
     return tuple(out)
 
 
+def _kernel_fields() -> dict[str, Any]:
+    """A new thread's kernel-side state: only marshallable values."""
+    return {
+        "status": "run",  # run, exit, killed
+        "cpu": None,
+        "last_cpu": None,
+        "rseq": None,  # (area, length, signature) when registered
+        "extra": (),  # variant-specific registration state
+        "notify": False,  # TIF_NOTIFY_RESUME
+        "events": 0,
+        "slice": (False, 0, None),  # (enabled, steps left of a grant, preempter)
+        "mm_cid": None,
+    }
+
+
+_K_NAMES = tuple(_kernel_fields())
+_K_FIELDS = len(_K_NAMES)
+
+
 class Thread:
-    __slots__ = ("tid", "name", "program", "ctx", "k", "table", "state", "handler", "private")
+    __slots__ = ("tid", "name", "program", "ctx", "k", "table", "state", "handler", "private",
+                 "_invisible")
 
     def __init__(self, tid: int, name: str, program: Callable | None, ctx: Context | None):
         self.tid = tid
@@ -180,26 +209,18 @@ class Thread:
         self.program = program
         self.ctx = ctx
         self.handler: Callable | None = None
-        # kernel-side state: only hashable values, copied on snapshot
-        self.k: dict[str, Any] = {
-            "status": "run",  # run, exit, killed
-            "cpu": None,
-            "last_cpu": None,
-            "rseq": None,  # (area, length, signature) when registered
-            "extra": (),  # variant-specific registration state
-            "notify": False,  # TIF_NOTIFY_RESUME
-            "events": 0,
-            "slice": (False, 0, None),  # (enabled, steps left of a grant, preempter)
-            "mm_cid": None,
-        }
+        # kernel-side state: only marshallable values, saved in every state
+        self.k: dict[str, Any] = _kernel_fields()
         self.table: ProgramTable | None = None
         self.state = 0  # the program's local state in ``table``
         self.private: tuple = ()  # (start, end) ranges only this thread touches
+        self._invisible: dict[int, bool] = {}  # local state -> invisible(its step)
 
     # -- program side
     def start(self) -> None:
         self.table = None
         self.state = 0
+        self._invisible = {}
         if self.program is not None:
             self.table = ProgramTable(self.program, self.ctx, self.handler)
             self.state = self.table.live_state
@@ -241,6 +262,14 @@ class Thread:
             return step.name in _PRIVATE_SYSCALLS
         return False
 
+    def invisible_now(self) -> bool:
+        """``invisible`` of the next step, kept per local state (the step
+        and ``private`` do not change once the thread runs)."""
+        found = self._invisible.get(self.state)
+        if found is None:
+            found = self._invisible[self.state] = self.invisible(self.table.steps[self.state])
+        return found
+
     @property
     def alive(self) -> bool:
         return self.k["status"] == "run"
@@ -275,6 +304,32 @@ class Machine:
         self.sections: dict[str, CriticalSection] = {}
         self._layout: tuple = ()
         self._access: dict[tuple, bool] = {}
+        self._cs_layout: tuple | None = None
+        self._cs_cache: dict[tuple, tuple] = {}
+        # the variant's hooks, None where it keeps the base class's no-op
+        self._hook_on_switch = self._hook("on_switch")
+        self._hook_on_exit = self._hook("on_exit")
+        self._hook_after_user_step = self._hook("after_user_step")
+        self._hook_after_yield = self._hook("after_yield")
+        self._hook_slice_intercepts = self._hook("slice_intercepts_preemption")
+        # interned parts of a state (see key())
+        self._addr_sets: list[tuple] = []
+        self._addr_index: dict[tuple, int] = {}
+        self._mem_obj: dict | None = None
+        self._mem_addrs = -1
+        self._mem_size = -1
+        self._decoded_key = b""
+        self._decoded: tuple = ()
+        self._layouts: list[tuple] = []
+        self._layout_index: dict[tuple, int] = {}
+        self._layout_seen: tuple | None = None
+        self._layout_no = -1
+        self._shapes: list[tuple] = [_K_NAMES]
+        self._shape_index: dict[tuple, int] = {_K_NAMES: 0}
+
+    def _hook(self, name: str):
+        hook = getattr(self.variant, name)
+        return None if getattr(hook, "noop", False) else hook
 
     # ------------------------------------------------------------ memory
     def map(self, name: str, start: int, size: int, perm: str = "rw") -> Region:
@@ -353,6 +408,34 @@ class Machine:
                 return f"&{r.name}"
         return str(v)
 
+    def constant_cs(self, ptr: int, signature: int) -> dict | None:
+        """A critical-section descriptor kept by ``keep_constant_cs``, if
+        the memory layout is the same and nobody wrote over it since."""
+        if self.regions is not self._cs_layout:
+            return None
+        found = self._cs_cache.get((ptr, signature))
+        if found is None:
+            return None
+        desc, addrs = found
+        memory = self.memory
+        for addr in addrs:
+            if addr in memory:
+                return None
+        return desc
+
+    def keep_constant_cs(self, ptr: int, signature: int, desc: dict, words: tuple) -> None:
+        """Keep a checked descriptor whose words (``words``: the addresses
+        read) lie in regions that neither user space nor the kernel can
+        write, and hold no written value."""
+        if self.regions is not self._cs_layout:
+            self._cs_layout = self.regions
+            self._cs_cache = {}
+        for addr in words:
+            region = self.region_of(addr)
+            if addr in self.memory or region is None or "w" in region.perm:
+                return
+        self._cs_cache[(ptr, signature)] = (desc, words)
+
     # kernel accessors: fail (None / False) instead of killing
     def get_user(self, addr: int, size: int = 4) -> int | None:
         if addr >= _abi.TASK_SIZE or not self.accessible(addr, size, False):
@@ -428,7 +511,8 @@ class Machine:
         if t.k["rseq"] is not None:
             t.k["events"] |= event
             t.k["notify"] = True
-        self.variant.on_switch(self, t, False)
+        if self._hook_on_switch is not None:
+            self._hook_on_switch(self, t, False)
 
     def schedule_in(self, t: Thread, cpu: int) -> None:
         last = t.k["last_cpu"]
@@ -439,7 +523,8 @@ class Machine:
             if t.k["rseq"] is not None:
                 t.k["notify"] = True
         self._assign_cid(t)
-        self.variant.on_switch(self, t, True)
+        if self._hook_on_switch is not None:
+            self._hook_on_switch(self, t, True)
         self.return_to_user(t)
 
     def _assign_cid(self, t: Thread) -> None:
@@ -458,102 +543,160 @@ class Machine:
             t.k["events"] = 0
 
     # ------------------------------------------------------------ state
-    def snapshot(self) -> tuple:
-        return (
-            dict(self.memory),
-            tuple((t.k.copy(), t.state) for t in self.threads),
-            tuple(self.cpus),
-            dict(self.ghost),
-            tuple(self.used),
-            self.regions,
-            self.killed,
-            self.steps,
-            self.membarrier_registered,
-        )
+    #
+    # A state is one bytes object, the marshalled tuple
+    #   (address set, memory values, threads, cpus, ghost items, budgets used,
+    #    killed, memory layout, membarrier registered)
+    # with each thread as (kernel field names, kernel values, local state).
+    # It is both the visited set's key and the snapshot the search restores
+    # from, so a stored state costs its bytes once.  The address set, the
+    # field names and the layout are small ints naming interned tuples: they
+    # change rarely.  A thread that is not running saves its local state as
+    # -1 (it no longer matters): equal otherwise, such states are the same.
 
-    def restore(self, snap: tuple) -> None:
-        mem, threads, cpus, ghost, used, regions, killed, steps, mb = snap
-        self.memory = dict(mem)
-        for t, (k, state) in zip(self.threads, threads):
+    def snapshot(self) -> bytes:
+        return self.key()
+
+    def restore(self, snap: bytes) -> None:
+        if snap != self._decoded_key:
+            # decode once; a state is restored once per move tried from it
+            addrs, values, threads, cpus, ghost, used, killed, layout, mb = marshal.loads(snap)
+            shapes = self._shapes
+            ks = []
+            states = []
+            for t, (shape, kv, state) in zip(self.threads, threads):
+                ks.append(dict(zip(shapes[shape], kv)))
+                if state < 0:
+                    state = t.table.done_state() if t.table is not None else 0
+                states.append(state)
+            self._decoded_key = snap
+            self._decoded = (dict(zip(self._addr_sets[addrs], values)), addrs, ks, states,
+                             cpus, dict(ghost), used, killed, self._layouts[layout], mb)
+        memory, addrs, ks, states, cpus, ghost, used, killed, regions, mb = self._decoded
+        self.memory = memory = memory.copy()
+        self._mem_obj = memory
+        self._mem_addrs = addrs
+        self._mem_size = len(memory)
+        for t, k, state in zip(self.threads, ks, states):
             t.k = k.copy()
             t.state = state
         self.cpus = list(cpus)
-        self.ghost = dict(ghost)
+        self.ghost = ghost.copy()
         self.used = list(used)
         self.regions = regions
         self.killed = killed
-        self.steps = steps
         self.membarrier_registered = mb
         self.kernel_writes = []
+
+    def _intern(self, table: dict, items: list, value: tuple) -> int:
+        index = table.get(value)
+        if index is None:
+            index = table[value] = len(items)
+            items.append(value)
+        return index
 
     def key(self) -> bytes:
         """The state's identity for the visited set, as compact bytes:
         memory, kernel thread state, each program's local state, the
-        scenario's ghost data and the budgets used."""
+        scenario's ghost data, the budgets used and the memory layout."""
+        memory = self.memory
+        if memory is not self._mem_obj or len(memory) != self._mem_size:
+            # a new address was written (none is ever removed) or the dict
+            # was replaced: put it in address order, so that its values
+            # line up with its interned address set
+            memory = self.memory = dict(sorted(memory.items()))
+            self._mem_obj = memory
+            self._mem_size = len(memory)
+            self._mem_addrs = self._intern(self._addr_index, self._addr_sets, tuple(memory))
+        if self.regions is not self._layout_seen:
+            self._layout_seen = self.regions
+            self._layout_no = self._intern(self._layout_index, self._layouts, self.regions)
+        threads = []
+        for t in self.threads:
+            k = t.k
+            if len(k) == _K_FIELDS:
+                shape = 0
+            else:
+                shape = self._intern(self._shape_index, self._shapes, tuple(k))
+            threads.append((shape, tuple(k.values()), t.state if k["status"] == "run" else -1))
         ghost = self.ghost
         return marshal.dumps((
-            tuple(sorted(self.memory.items())),
-            tuple((tuple(t.k.values()), t.state if t.k["status"] == "run" else -1)
-                  for t in self.threads),
+            self._mem_addrs,
+            tuple(memory.values()),
+            tuple(threads),
             tuple(self.cpus),
             tuple(sorted(ghost.items(), key=repr)) if ghost else (),
             tuple(self.used),
             self.killed,
-        ))
+            self._layout_no,
+            self.membarrier_registered,
+        ), 2)
 
     @property
     def finished(self) -> bool:
-        return all(
-            t.k["status"] != "run" or t.table is None or t.table.steps[t.state] is None
-            for t in self.threads
-        )
+        for t in self.threads:
+            if t.table is not None and t.k["status"] == "run" and t.table.steps[t.state] is not None:
+                return False
+        return True
 
     # ------------------------------------------------------------ moves
     def choices(self, bounds: tuple[int, int, int], signals: bool) -> list[tuple]:
         """Every move the scheduler (and the program's own choices) can make."""
         if self.killed is not None:
             return []
-        out: list[tuple] = []
-        waiting = [
-            t.tid for t in self.threads
-            if t.k["cpu"] is None and t.k["status"] == "run" and t.table is not None
-            and t.table.steps[t.state] is not None
-        ]
+        threads = self.threads
+        cpus = self.cpus
+        used = self.used
+        waiting = []
+        for t in threads:
+            k = t.k
+            if k["cpu"] is None and k["status"] == "run":
+                table = t.table
+                if table is not None and table.steps[t.state] is not None:
+                    waiting.append(t.tid)
         self.reduced = False
-        if self.reduce and self.used[0] >= bounds[0] and self.used[1] >= bounds[1]:
+        if self.reduce and used[0] >= bounds[0] and used[1] >= bounds[1]:
             # Partial-order reduction: an invisible step runs alone, with the
             # events aimed at its thread.  Only once the preemption and
             # migration budgets are spent: before that, another thread could
             # leave its CPU and then preempt this one, or migrate onto its
             # CPU, before the step (docs/model.md, "Why the reduction is sound").
-            for cpu, tid in enumerate(self.cpus):
+            for cpu, tid in enumerate(cpus):
                 if tid is None:
                     continue
-                t = self.thread(tid)
-                step = t.next_step
-                if step is not None and t.invisible(step):
+                t = threads[tid - 1]
+                if t.table is None:
+                    continue
+                step = t.table.steps[t.state]
+                if step is not None and t.invisible_now():
                     self.reduced = True
                     return self._moves_of(t, cpu, step, waiting, bounds, signals)
-        for cpu, tid in enumerate(self.cpus):
+        out: list[tuple] = []
+        running = []  # (cpu, thread) with a step to run
+        for cpu, tid in enumerate(cpus):
             if tid is None:
                 for w in waiting:
                     out.append(("schedule", cpu, w))
                 continue
-            t = self.thread(tid)
-            step = t.next_step
-            if isinstance(step, Choose):
+            t = threads[tid - 1]
+            step = t.table.steps[t.state] if t.table is not None else None
+            if step is None:
+                continue
+            running.append((cpu, tid, step))
+            if type(step) is Choose:
                 for i in range(step.n):
                     out.append(("choose", tid, i))
-            elif step is not None:
+            else:
                 out.append(("step", tid))
-        preempt_ok = self.used[0] < bounds[0]
-        migrate_ok = self.used[1] < bounds[1]
-        signal_ok = signals and self.used[2] < bounds[2]
-        for cpu, tid in enumerate(self.cpus):
-            if tid is None or not self.thread(tid).stack:
-                continue
+        preempt_ok = used[0] < bounds[0]
+        migrate_ok = used[1] < bounds[1]
+        signal_ok = signals and used[2] < bounds[2]
+        if not (preempt_ok or migrate_ok or signal_ok):
+            return out
+        always = not self.reduce or self.variant.preempt_always_observable
+        for cpu, tid, step in running:
             if preempt_ok:
-                if self._preempt_matters(self.thread(tid)):
+                if always or step.ip is not None:
                     out.append(("preempt", cpu, None))
                 for w in waiting:
                     out.append(("preempt", cpu, w))
@@ -618,7 +761,7 @@ class Machine:
             _, cpu, tid = move
             self.used[0] += 1
             t = self.thread(self.cpus[cpu])
-            if self.variant.slice_intercepts_preemption(self, t, tid):
+            if self._hook_slice_intercepts is not None and self._hook_slice_intercepts(self, t, tid):
                 return None
             incoming = self.thread(tid) if tid is not None else t
             other = "another task" if tid is None else incoming.name
@@ -696,10 +839,12 @@ class Machine:
             if cpu is not None:
                 self.cpus[cpu] = None
                 t.k["cpu"] = None
-            self.variant.on_exit(self, t)
+            if self._hook_on_exit is not None:
+                self._hook_on_exit(self, t)
             self.say(f"        kernel: {t.name} exits")
             return
-        self.variant.after_user_step(self, t)
+        if self._hook_after_user_step is not None:
+            self._hook_after_user_step(self, t)
 
     def _syscall(self, t: Thread, step: Syscall):
         if step.name == "membarrier":
@@ -713,7 +858,8 @@ class Machine:
         t.feed(("s", result))
         if leaves_cpu and t.k["cpu"] is not None:
             self.switch_out(t, EV_PREEMPT)
-            self.variant.after_yield(self, t)
+            if self._hook_after_yield is not None:
+                self._hook_after_yield(self, t)
         elif t.k["cpu"] is not None:
             self.return_to_user(t, from_syscall=True)
         if t.k["status"] == "run":

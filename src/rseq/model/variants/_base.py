@@ -19,6 +19,13 @@ LINUX_SYSCALL_IN_CS = (
 )
 
 
+def _noop(hook):
+    """Marks a hook that does nothing here: the machine skips the call when
+    a variant keeps it (Machine.__init__)."""
+    hook.noop = True
+    return hook
+
+
 class Variant:
     """Linux 4.18: the original 32-byte, 32-byte-aligned struct rseq."""
 
@@ -123,12 +130,13 @@ class Variant:
 
     def update_ids(self, m: Machine, t: Thread) -> None:
         area = t.k["rseq"][0]
-        written = []
-        for field, offset, value in self.id_fields(m, t):
+        fields = self.id_fields(m, t)
+        for field, offset, value in fields:
             if not m.put_user(t, area + offset, value, 4, field):
                 m.kill(t, f"cannot write {field} at {m.sym(area + offset)} on return to user space")
-            written.append(f"{field}={value}")
-        m.say(f"        kernel: {t.name} returns to user space: " + ", ".join(written))
+        if m.log is not None:
+            written = ", ".join(f"{field}={value}" for field, _, value in fields)
+            m.say(f"        kernel: {t.name} returns to user space: " + written)
 
     def reset_ids(self, m: Machine, t: Thread) -> bool:
         area = t.k["rseq"][0]
@@ -155,6 +163,11 @@ class Variant:
             return None
         if ptr >= _abi.TASK_SIZE:
             m.kill(t, f"rseq_cs pointer {ptr:#x} is beyond TASK_SIZE")
+        # a descriptor in memory nobody can write (the text's read-only
+        # data) is read and checked once per memory layout
+        cached = m.constant_cs(ptr, t.k["rseq"][2])
+        if cached is not None:
+            return cached
         desc = {}
         for field, off in (
             ("version", _abi.CS_OFF_VERSION),
@@ -184,6 +197,9 @@ class Variant:
                 f"signature {sig:#x} before abort_ip differs from the registered {registered:#x}",
             )
         desc["ptr"] = ptr
+        words = (ptr + _abi.CS_OFF_VERSION, ptr + _abi.CS_OFF_FLAGS, ptr + _abi.CS_OFF_START_IP,
+                 ptr + _abi.CS_OFF_POST_COMMIT_OFFSET, ptr + _abi.CS_OFF_ABORT_IP, abort - 4)
+        m.keep_constant_cs(ptr, sig, desc, words)
         return desc
 
     def clear_rseq_cs(self, m: Machine, t: Thread) -> None:
@@ -211,26 +227,32 @@ class Variant:
         if not events:
             return
         self.clear_rseq_cs(m, t)
-        name = m.sym(desc["ptr"]).removeprefix("cs_")
-        m.say(
-            f"        kernel: {t.name} was inside {name} at {ip:#x}: "
-            f"abort to {desc['abort_ip']:#x}, rseq_cs cleared"
-        )
+        if m.log is not None:
+            name = m.sym(desc["ptr"]).removeprefix("cs_")
+            m.say(
+                f"        kernel: {t.name} was inside {name} at {ip:#x}: "
+                f"abort to {desc['abort_ip']:#x}, rseq_cs cleared"
+            )
         m.abort_cs(t)
 
     # ------------------------------------------------------------ hooks
+    @_noop
     def on_switch(self, m: Machine, t: Thread, on_cpu: bool) -> None:
         pass
 
+    @_noop
     def on_exit(self, m: Machine, t: Thread) -> None:
         pass
 
+    @_noop
     def after_user_step(self, m: Machine, t: Thread) -> None:
         pass
 
+    @_noop
     def after_yield(self, m: Machine, t: Thread) -> None:
         pass
 
+    @_noop
     def slice_intercepts_preemption(self, m: Machine, t: Thread, incoming) -> bool:
         return False
 
