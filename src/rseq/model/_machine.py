@@ -635,7 +635,8 @@ class Machine:
     @property
     def finished(self) -> bool:
         for t in self.threads:
-            if t.table is not None and t.k["status"] == "run" and t.table.steps[t.state] is not None:
+            table = t.table
+            if table is not None and t.k["status"] == "run" and table.steps[t.state] is not None:
                 return False
         return True
 
@@ -761,7 +762,8 @@ class Machine:
             _, cpu, tid = move
             self.used[0] += 1
             t = self.thread(self.cpus[cpu])
-            if self._hook_slice_intercepts is not None and self._hook_slice_intercepts(self, t, tid):
+            intercepts = self._hook_slice_intercepts
+            if intercepts is not None and intercepts(self, t, tid):
                 return None
             incoming = self.thread(tid) if tid is not None else t
             other = "another task" if tid is None else incoming.name
