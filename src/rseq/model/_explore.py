@@ -100,6 +100,10 @@ class Result:
     seed: int | None = None
     #: Memory the search used: pan's total for SPIN, peak RSS growth for Python.
     memory_mb: float | None = None
+    #: SPIN only: pan's own search time, and the rounds of model completion
+    #: (``elapsed`` also counts the export, the automata and compiling pan).
+    pan_seconds: float | None = None
+    rounds: int | None = None
 
     @property
     def verdict(self) -> str:
@@ -174,10 +178,19 @@ class Result:
                  f"{self.terminal_states} complete executions")
         if self.runs:
             cover += f", {self.runs} runs"
-        cover += f" in {self.elapsed:.2f} s ({self.states_per_second:,.0f} states/s)"
+        if self.pan_seconds is None:
+            cover += f" in {self.elapsed:.2f} s ({self.states_per_second:,.0f} states/s)"
+        else:
+            # the search alone, as the Python engine's figure; the rest apart
+            pan = max(self.pan_seconds, 0.01)
+            cover += f" in {self.pan_seconds:.2f} s of search ({self.states / pan:,.0f} states/s)"
         if self.memory_mb is not None:
             cover += f", {self.memory_mb:,.1f} MB"
         lines.append(cover)
+        if self.pan_seconds is not None:
+            lines.append(f"model: export, program automata and compiling pan "
+                         f"{max(self.elapsed - self.pan_seconds, 0):.2f} s over {self.rounds} "
+                         f"round{'s' if self.rounds != 1 else ''}; {self.elapsed:.2f} s in all")
         if self.depth_limited:
             lines.append(f"note: {self.depth_limited} executions stopped at the depth bound")
         if not self.complete and verdict == "violated":
@@ -260,8 +273,12 @@ def _check(scenario, m: Machine, info) -> str | None:
     return None
 
 
-def _bounds(scenario, preemptions, migrations, signals) -> dict[str, int]:
+def _bounds(scenario, preemptions, migrations, signals, threads=None) -> dict[str, int]:
     b = dict(scenario.bounds)
+    if threads is not None:
+        if scenario.scale is None:
+            raise ValueError(f"scenario {scenario.name} has a fixed number of threads")
+        b["threads"] = threads
     if preemptions is not None:
         b["preemptions"] = preemptions
     if migrations is not None:
@@ -305,11 +322,13 @@ def explore(
     max_memory: int | None = DEFAULT_MAX_MEMORY,
     stop_at_first: bool = False,
     reduce: bool = True,
+    threads: int | None = None,
 ) -> Result:
     """Check ``scenario`` under ``variant``.  Exhaustive depth-first search
     within the bounds; with ``seed``, ``runs`` random executions instead
     (see :func:`random_walk`).  ``reduce=False`` turns the partial-order
-    reduction off (for cross-checking it).
+    reduction off (for cross-checking it).  ``threads`` sets the thread
+    count of a scenario that scales (the counters).
 
     ``max_states``, ``max_seconds`` and ``max_memory`` (bytes of growth;
     None: no limit) stop a search that would not end in reasonable time or
@@ -319,17 +338,18 @@ def explore(
             scenario, variant, seed=seed, runs=runs, preemptions=preemptions,
             migrations=migrations, signals=signals, max_depth=max_depth,
             max_states=max_states, max_seconds=max_seconds, max_memory=max_memory,
+            threads=threads,
         )
     if max_depth < 0:
         raise ValueError(f"max_depth must be >= 0, got {max_depth}")
     scenario, variant = _resolve(scenario, variant)
     budget = _Budget(max_states, max_seconds, max_memory)
-    bounds = _bounds(scenario, preemptions, migrations, signals)
+    bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
     use_signals = bounds["signals"] > 0
     started = time.perf_counter()
 
-    m = scenario.build(variant)
+    m = scenario.build(variant, threads)
     m.reduce = reduce
     root_key = m.key()
     # visited states: key -> (parent key, move); keys are compact bytes and
@@ -413,11 +433,11 @@ def explore(
         return explore(
             scenario, variant, preemptions=preemptions, migrations=migrations, signals=signals,
             max_depth=max_depth, max_states=max_states, max_seconds=max_seconds,
-            max_memory=max_memory, stop_at_first=stop_at_first, reduce=False,
+            max_memory=max_memory, stop_at_first=stop_at_first, reduce=False, threads=threads,
         )
     complete = stopped_by is None
     if best is not None and complete and len(parent) <= SHORTEST_SEARCH_STATES:
-        shorter = _shortest(scenario, variant, limits, use_signals, len(best[0]) - 1)
+        shorter = _shortest(scenario, variant, limits, use_signals, len(best[0]) - 1, threads)
         if shorter is not None:
             best = shorter
     elapsed = time.perf_counter() - started
@@ -445,10 +465,10 @@ def explore(
 SHORTEST_SEARCH_STATES = 300_000
 
 
-def _shortest(scenario, variant, limits, use_signals, max_moves):
+def _shortest(scenario, variant, limits, use_signals, max_moves, threads=None):
     """Breadth-first search for a violation in at most ``max_moves`` moves:
     the first one found is a shortest one (within the reduced graph)."""
-    m = scenario.build(variant)
+    m = scenario.build(variant, threads)
     frontier = [(m.snapshot(), ())]
     seen = {m.key()}
     for _ in range(max_moves):
@@ -486,6 +506,7 @@ def random_walk(
     max_states: int = DEFAULT_MAX_STATES,
     max_seconds: float | None = DEFAULT_MAX_SECONDS,
     max_memory: int | None = DEFAULT_MAX_MEMORY,
+    threads: int | None = None,
 ) -> Result:
     """``runs`` random executions, every choice drawn from one
     ``random.Random(seed)``: the same seed replays the same executions.
@@ -495,7 +516,7 @@ def random_walk(
         raise ValueError(f"runs and max_depth must be >= 0, got {runs}, {max_depth}")
     scenario, variant = _resolve(scenario, variant)
     budget = _Budget(max_states, max_seconds, max_memory)
-    bounds = _bounds(scenario, preemptions, migrations, signals)
+    bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
     use_signals = bounds["signals"] > 0
     rng = random.Random(seed)
@@ -505,7 +526,7 @@ def random_walk(
     failing: tuple[list[tuple], str] | None = None
     stopped_by: str | None = None
     done = 0
-    m = scenario.build(variant)
+    m = scenario.build(variant, threads)
     root = m.snapshot()
     for _ in range(runs):
         if stopped_by is not None:
@@ -560,7 +581,7 @@ def random_walk(
 
 
 def _run_schedule(scenario, variant: str, moves: list[tuple], bounds: dict[str, int]):
-    m = scenario.build(variant)
+    m = scenario.build(variant, bounds.get("threads"))
     m.reduce = False  # any schedule of the full machine may be replayed
     m.log = []
     lines: list[str] = []
@@ -595,6 +616,7 @@ def replay(
     preemptions: int | None = None,
     migrations: int | None = None,
     signals: int | None = None,
+    threads: int | None = None,
 ) -> Result:
     """Run one explicit schedule (move names as printed in a trace) and
     return its trace; ``holds`` is False if the schedule violates."""
@@ -602,12 +624,13 @@ def replay(
     if isinstance(schedule, str):
         schedule = [s for s in (p.strip() for p in schedule.split(",")) if s]
     moves = [parse_move(s) for s in schedule]
-    bounds = _bounds(scenario, preemptions, migrations, signals)
+    bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     # an explicit schedule may use more than the default bounds
     bounds = {
         "preemptions": max(bounds["preemptions"], sum(mv[0] == "preempt" for mv in moves)),
         "migrations": max(bounds["migrations"], sum(mv[0] == "migrate" for mv in moves)),
         "signals": max(bounds["signals"], sum(mv[0] == "signal" for mv in moves)),
+        **({"threads": threads} if threads is not None else {}),
     }
     started = time.perf_counter()
     m, lines, msg = _run_schedule(scenario, variant, moves, bounds)

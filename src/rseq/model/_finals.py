@@ -38,16 +38,17 @@ def final_states(
     signals: int | None = None,
     reduce: bool = True,
     max_states: int = 2_000_000,
+    threads: int | None = None,
 ) -> frozenset:
     """Every reachable final state's projection, by exhaustive search (with
     the explorer's reduction when ``reduce``)."""
     from ._explore import _bounds, _resolve
 
     scenario, variant = _resolve(scenario, variant)
-    bounds = _bounds(scenario, preemptions, migrations, signals)
+    bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     limits = (bounds["preemptions"], bounds["migrations"], bounds["signals"])
     use_signals = limits[2] > 0
-    m = scenario.build(variant)
+    m = scenario.build(variant, threads)
     m.reduce = reduce
     seen = {m.key()}
     stack = [m.snapshot()]
@@ -84,5 +85,6 @@ def final_states(
                 rounds.append([mv for mv in full if mv not in batch])
     if m.reduction_unsound and reduce:
         return final_states(scenario, variant, preemptions=preemptions, migrations=migrations,
-                            signals=signals, reduce=False, max_states=max_states)
+                            signals=signals, reduce=False, max_states=max_states,
+                            threads=threads)
     return frozenset(finals)

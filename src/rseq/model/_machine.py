@@ -155,7 +155,12 @@ class ProgramTable:
                 stack = self.live
             else:
                 stack = self._replay(self.paths[state])
-            self._advance(stack, event)
+            try:
+                self._advance(stack, event)
+            except BaseException:
+                # the program raised: its live generator is spent
+                self.live_state = -1
+                raise
             nxt = self._intern(stack, self.paths[state] + (event,))
             self.edges[state][event] = nxt
             self.live, self.live_state = stack, nxt

@@ -63,6 +63,12 @@ def _check(args) -> int:
             raise UsageError(f"scenario {scenario.name} runs under "
                              f"{', '.join(scenario.variants)}, not {args.variant}")
     bounds = dict(preemptions=args.preemptions, migrations=args.migrations, signals=args.signals)
+    if args.threads is not None:
+        if scenario.scale is None:
+            raise UsageError(f"scenario {scenario.name} has a fixed number of threads "
+                             "(--threads applies to: " + ", ".join(
+                                 n for n, s in SCENARIOS.items() if s.scale is not None) + ")")
+        bounds["threads"] = args.threads
     if args.schedule is not None:
         try:
             result = replay(scenario, args.schedule, args.variant, **bounds)
@@ -170,6 +176,8 @@ def add_subcommand(subparsers) -> None:
     ck.add_argument("--preemptions", "-k", type=non_negative_int)
     ck.add_argument("--migrations", type=non_negative_int)
     ck.add_argument("--signals", type=non_negative_int)
+    ck.add_argument("--threads", type=positive_int,
+                    help="thread count, for the scenarios that scale (counter, counter-plain)")
     ck.add_argument("--seed", type=int, help="random mode: RUNS random executions from this seed")
     ck.add_argument("--runs", type=non_negative_int, default=2000)
     ck.add_argument("--max-depth", type=non_negative_int, default=DEFAULT_MAX_DEPTH)

@@ -264,6 +264,7 @@ class Model:
         w("byte up; byte um; byte us; bit killed; bit incomplete;")
         w(f"hidden {vtype} val; hidden byte sec; hidden byte ipsec; hidden byte tmp;")
         # ---- per-thread tables as inlines over pc
+        self.table_init: list[str] = []
         for i, t in enumerate(threads):
             tid = i + 1
             self._thread_inlines(w, t, tid, tb, sec_of, area_fields[i])
@@ -304,6 +305,8 @@ class Model:
                 body.append((f"us < SIGNALS && cpu[{tid}] != NOCPU && hasstep({tid}) -> us++; "
                              f"signal({tid})", ("signal", tid)))
         w("active proctype machine() {")
+        for line in self.table_init:
+            w(f"  {line};")
         w("  d_step {")
         self.anchor = len(out) + 1  # the line of "mem[0] = ...": finds SPIN's line offset
         for addr, ai in sorted(tb.addrs.items(), key=lambda item: item[1]):
@@ -398,36 +401,41 @@ class Model:
         else:
             w("  skip")
         w("}")
-        # section of the current ip
-        w(f"inline ipsec_{tid}() {{")
-        w("  if")
+        # the section of the current ip and the abort edge: tables indexed
+        # by pc (hidden: not in the state vector), so that the kernel's
+        # fixup, expanded into every scheduler move, stays one lookup
+        # (an if-chain per state made SPIN's d_steps too long)
+        nstates = len(steps)
+        w(f"hidden byte ipsec_tab_{tid}[{nstates}];")
+        w(f"hidden short abort_tab_{tid}[{nstates}];  /* -1: unknown edge, -2: none */")
+        w(f"inline ipsec_{tid}() {{ ipsec = ipsec_tab_{tid}[pc[{tid}]] }}")
+        w(f"inline abort_{tid}() {{")
+        w(f"  if :: abort_tab_{tid}[pc[{tid}]] >= 0 -> pc[{tid}] = abort_tab_{tid}[pc[{tid}]] "
+          f":: abort_tab_{tid}[pc[{tid}]] == -1 -> incomplete = 1 :: else -> skip fi")
+        w("}")
+        init = self.table_init
         for s in known:
             step = steps[s]
             ip = OUTSIDE_IP if step is None or step.ip is None else step.ip
             sec = sec_of(ip)
             if sec:
-                w(f"  :: pc[{tid}] == {s} -> ipsec = {sec}")
-        w("  :: else -> ipsec = 0")
+                init.append(f"ipsec_tab_{tid}[{s}] = {sec}")
+            target = -2
+            if step is not None and step.ip is not None and sec_of(step.ip):
+                nxt = table.edges[s].get(("t",))
+                target = nxt if nxt is not None else -1
+            init.append(f"abort_tab_{tid}[{s}] = {target}")
+        w(f"inline handler_{tid}() {{")
+        w("  if")
+        for s in known:
+            if steps[s] is None or self.scenario.handler is None:
+                continue
+            nxt = table.edges[s].get(("h",))
+            act = f"pc[{tid}] = {nxt}" if nxt is not None else "incomplete = 1"
+            w(f"  :: pc[{tid}] == {s} -> {act}")
+        w("  :: else -> skip")
         w("  fi")
         w("}")
-        for name, event in (("abort", ("t",)), ("handler", ("h",))):
-            w(f"inline {name}_{tid}() {{")
-            w("  if")
-            for s in known:
-                if steps[s] is None:
-                    continue
-                if name == "abort":
-                    ip = steps[s].ip
-                    if ip is None or not sec_of(ip):
-                        continue
-                elif self.scenario.handler is None:
-                    continue
-                nxt = table.edges[s].get(event)
-                act = f"pc[{tid}] = {nxt}" if nxt is not None else "incomplete = 1"
-                w(f"  :: pc[{tid}] == {s} -> {act}")
-            w("  :: else -> skip")
-            w("  fi")
-            w("}")
         del m
 
     def _step_code(self, t, tid, s, step, tb, fields) -> str:
@@ -606,11 +614,13 @@ class _Runner:
         proc = subprocess.run(["./pan", "-m1000000", "-w20", *errors], cwd=self.dir,
                               capture_output=True, text=True)
         out = proc.stdout + proc.stderr
-        if "out of memory" in out or "memory limit" in out.lower():
+        if ("out of memory" in out or "memory limit" in out.lower()
+                or "MEMLIM bound" in out):
             raise RuntimeError(f"pan ran out of its {self.memory_mb} MB: {out[-400:]}")
         run = PanRun(out)
-        run.states = _num(r"(\d+) states, stored", out)
-        run.transitions = _num(r"(\d+) transitions", out)
+        # large counts come in exponent form (1.2e+08 transitions)
+        run.states = int(_num(r"([\d.e+]+) states, stored", out, float, 0))
+        run.transitions = int(_num(r"([\d.e+]+) transitions", out, float, 0))
         run.memory_mb = _num(r"([\d.]+)\s+total actual memory usage", out, float, 0.0)
         run.elapsed = _num(r"elapsed time ([\d.e+]+) seconds", out, float, 0.0)
         run.depth = _num(r"depth reached (\d+)", out)
@@ -695,7 +705,7 @@ def check(
     migrations: int | None = None,
     signals: int | None = None,
     threads: int | None = None,
-    memory_mb: int = 4096,
+    memory_mb: int = 8192,
     workdir: str | None = None,
     seed_states: int = 100_000,
 ):
@@ -703,12 +713,15 @@ def check(
     (mode "spin"), with a violation's trace replayed by the Python engine."""
     from ._explore import Result, _bounds, _resolve, replay
 
+    from ._learn import learn_programs
+
     scenario, variant = _resolve(scenario, variant)
-    bounds = _bounds(scenario, preemptions, migrations, signals)
+    bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     started = time.perf_counter()
     model = Model(scenario, variant, bounds, threads)
-    if not model.seed_search(seed_states):
-        model.seed()
+    # the automata from each thread alone (seconds), then SPIN's trails
+    # for whatever that left out
+    learn_programs(model.m, bounds["signals"] > 0)
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rseq-spin-")
     try:
@@ -745,7 +758,7 @@ def check(
             from ._explore import move_name
 
             schedule = [move_name(None, mv) for mv in moves]
-            again = replay(scenario, schedule, variant, **{
+            again = replay(scenario, schedule, variant, threads=threads, **{
                 k: bounds[k] for k in ("preemptions", "migrations", "signals")})
             result.violation = again.violation or _judge(model, bad)
             result.trace = again.trace

@@ -47,6 +47,9 @@ class Scenario:
     allows_kill: bool = False
     bounds: dict = field(default_factory=lambda: {"preemptions": 2, "migrations": 1, "signals": 0})
     extra_sections: dict = field(default_factory=dict)
+    #: ``scale(data, n)``: the thread specs for ``n`` threads, for scenarios
+    #: whose thread count is a parameter (``--threads``); None: fixed.
+    scale: Callable[[dict, int], list[ThreadSpec]] | None = None
 
     def expected(self, variant: str) -> str:
         return self.expect_by_variant.get(variant, self.expect)
@@ -61,16 +64,23 @@ class Scenario:
             "variants": list(self.variants),
             "pair": self.pair,
             "bounds": dict(self.bounds),
+            "scales": self.scale is not None,
         }
 
-    def build(self, variant_name: str | None = None) -> Machine:
+    def build(self, variant_name: str | None = None, threads: int | None = None) -> Machine:
+        """A machine with the scenario set up under ``variant_name``;
+        ``threads`` changes the thread count where the scenario scales."""
+        if threads is not None and self.scale is None:
+            raise ValueError(f"scenario {self.name} has a fixed number of threads")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         variant = VARIANTS[variant_name or self.default_variant]
         if self.variant_options:
             variant = variant.with_options(**self.variant_options)
         m = Machine(variant, self.ncpus)
         sections = m.define_sections(SIG, self.extra_sections)
         data = self.setup(m)
-        specs = self.threads(data)
+        specs = self.threads(data) if threads is None else self.scale(data, threads)
         length = self.area_size or variant.default_length
         offsets = tuple(sorted(variant.offsets.items()))
         for i, spec in enumerate(specs):

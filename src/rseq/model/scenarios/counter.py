@@ -60,11 +60,13 @@ def counter_final(m: Machine) -> str | None:
 
 
 def _three_on_two(program):
-    return lambda data: [
-        ThreadSpec(program, 0),
-        ThreadSpec(program, 1),
-        ThreadSpec(program, None),
-    ]
+    return lambda data: _spread(program)(data, 3)
+
+
+def _spread(program):
+    """``n`` threads running ``program``: one on each CPU, the rest waiting
+    to be scheduled (three on two CPUs by default; ``--threads N``)."""
+    return lambda data, n: [ThreadSpec(program, i if i < 2 else None) for i in range(n)]
 
 
 SCENARIOS = (
@@ -78,6 +80,7 @@ SCENARIOS = (
         expect="holds",
         setup=counter_setup,
         threads=_three_on_two(percpu_add),
+        scale=_spread(percpu_add),
         check_final=counter_final,
         handler=counter_signal_handler,
         bounds={"preemptions": 2, "migrations": 0, "signals": 0},
@@ -92,6 +95,7 @@ SCENARIOS = (
         expect="violated",
         setup=counter_setup,
         threads=_three_on_two(percpu_add_plain),
+        scale=_spread(percpu_add_plain),
         check_final=counter_final,
         bounds={"preemptions": 2, "migrations": 0, "signals": 0},
         pair="counter",
