@@ -712,16 +712,16 @@ def check(
     """Check ``scenario`` with SPIN; returns a ``Result`` like ``explore``'s
     (mode "spin"), with a violation's trace replayed by the Python engine."""
     from ._explore import Result, _bounds, _resolve, replay
-
     from ._learn import learn_programs
 
     scenario, variant = _resolve(scenario, variant)
     bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     started = time.perf_counter()
     model = Model(scenario, variant, bounds, threads)
-    # the automata from each thread alone (seconds), then SPIN's trails
-    # for whatever that left out
+    # the automata from each thread alone (seconds, _learn.py), then SPIN's
+    # trails for whatever that left out
     learn_programs(model.m, bounds["signals"] > 0)
+    learned = True
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rseq-spin-")
     try:
@@ -729,7 +729,19 @@ def check(
         rounds = 0
         while True:
             rounds += 1
-            run = runner.run(model.promela(), trails=TRAILS_PER_ROUND)
+            try:
+                run = runner.run(model.promela(), trails=TRAILS_PER_ROUND)
+            except RuntimeError as e:
+                if not (learned and " too long" in str(e)):
+                    raise
+                # the learned automata over-approximate too much for SPIN's
+                # d_steps (pointer-chasing programs, system calls that
+                # expand the kernel's return path): seed from the machine
+                model = Model(scenario, variant, bounds, threads)
+                if not model.seed_search(seed_states):
+                    model.seed()
+                learned = False
+                continue
             if run.errors == 0:
                 break
             if "incomplete" not in run.output or rounds >= MAX_ROUNDS:
