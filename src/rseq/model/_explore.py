@@ -190,7 +190,9 @@ class Result:
         if self.pan_seconds is not None:
             lines.append(f"model: export, program automata and compiling pan "
                          f"{max(self.elapsed - self.pan_seconds, 0):.2f} s over {self.rounds} "
-                         f"round{'s' if self.rounds != 1 else ''}; {self.elapsed:.2f} s in all")
+                         f"round{'s' if self.rounds != 1 else ''}; {self.elapsed:.2f} s in all"
+                         + ("; states stored as 64-bit hashes (HC4)"
+                            if self.limits.get("hash_compact") else ""))
         if self.depth_limited:
             lines.append(f"note: {self.depth_limited} executions stopped at the depth bound")
         if not self.complete and verdict == "violated":

@@ -113,7 +113,8 @@ def _check_spin(args, scenario, bounds) -> int:
         raise UsageError(f"no Promela export of {scenario.name}: {why}")
     try:
         spin.tools()
-        result = spin.check(scenario, args.variant, **bounds)
+        result = spin.check(scenario, args.variant, memory_mb=args.pan_memory,
+                            hash_compact=args.hash_compact, **bounds)
     except spin.SpinMissing as e:
         raise UsageError(str(e)) from None
     except spin.Unsupported as e:
@@ -192,6 +193,11 @@ def add_subcommand(subparsers) -> None:
     ck.add_argument("--engine", choices=("python", "spin", "both"), default="python",
                     help="python: the explorer; spin: the Promela export checked by SPIN "
                     "(a violation is replayed by the explorer); both: each, verdicts compared")
+    ck.add_argument("--pan-memory", type=positive_int, default=8192, metavar="MIB",
+                    help="SPIN: pan's memory limit (default 8192)")
+    ck.add_argument("--hash-compact", action="store_true",
+                    help="SPIN: store states as 64-bit hashes (HC4) instead of collapse "
+                    "compression: a few times less memory, a tiny risk of a missed state")
     ck.add_argument("--json", action="store_true")
     ck.set_defaults(run=_check)
 
