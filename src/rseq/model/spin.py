@@ -43,8 +43,9 @@ from dataclasses import dataclass, field
 
 from ._machine import EV_MIGRATE, EV_PREEMPT, EV_SIGNAL, OUTSIDE_IP, Machine
 from ._program import Cas, Choose, Load, Mark, Store, Syscall
+from ._spin_variants import VARIANT_RULES, rules_for
 
-SUPPORTED_VARIANTS = ("linux-4.18", "linux-6.3", "freebsd-2021")
+SUPPORTED_VARIANTS = ("linux-4.18", "linux-6.3", "freebsd-2021", *VARIANT_RULES)
 _SYSCALL_RESULTS = {"getpid": 0, "nop": 0, "write": 0}  # getcpu: the CPU
 MAX_ROUNDS = 60  # model completion rounds before giving up
 TRAILS_PER_ROUND = 20
@@ -80,10 +81,14 @@ def supported(scenario, variant: str) -> str | None:
         return "its property is checked after every step (check_step), which the export lacks"
     if scenario.check_final is None and not scenario.allows_kill:
         return "it has no final-state property"
-    if not scenario.preregister:
+    rules = VARIANT_RULES.get(variant)
+    if not scenario.preregister and (rules is None or not rules.registers):
         return "its threads register themselves (rseq system calls are not exported)"
     if scenario.variant_options:
-        return "it runs a variant with options"
+        known = rules.options if rules is not None else ()
+        unknown = sorted(set(scenario.variant_options) - set(known))
+        if unknown:
+            return f"it runs {variant} with options the export lacks: {', '.join(unknown)}"
     return None
 
 
@@ -123,6 +128,9 @@ class Model:
         self.m: Machine = build(scenario, variant, threads)
         self.root = self.m.snapshot()
         self.lines: dict[int, tuple] = {}
+        # the variant's own kernel rules (sched_state, slice extension, size
+        # negotiation...): Promela written in _spin_variants
+        self.rules = rules_for(self)
 
     # -- completing the automata
     def seed(self, runs: int = 300, seed: int = 0) -> None:
@@ -207,14 +215,14 @@ class Model:
             tb.v(c.desc)
         area_fields = []
         for t in threads:
-            area = t.k["rseq"][0]
+            area = t.ctx.area  # the area it registers (before the program starts, or itself)
             names = ("cpu_id_start", "cpu_id", "rseq_cs")
             area_fields.append({f: tb.a(area + offsets[f]) for f in names})
         for addr in sorted(m.memory):
             tb.a(addr)
         read_only = ("node_id", "mm_cid")
         unreadable = {
-            t.k["rseq"][0] + offsets[f] for t in threads for f in read_only if f in offsets
+            t.ctx.area + offsets[f] for t in threads for f in read_only if f in offsets
         }
         # walk every known state of every thread: addresses and values
         for t in threads:
@@ -232,13 +240,15 @@ class Model:
                         tb.v(step.expected)
                         tb.v(step.new)
                 elif cls is Syscall:
-                    if step.name not in _SYSCALL_RESULTS and step.name != "getcpu":
+                    known = {*_SYSCALL_RESULTS, "getcpu", "sched_yield", *self.rules.syscalls}
+                    if step.name not in known:
                         raise Unsupported(f"{t.name} makes the system call {step.name}()")
                 elif cls not in (Choose, Mark):
                     raise Unsupported(f"{t.name} yields {step!r}")
                 for event in t.table.edges[s]:
                     if event[0] == "s":
                         tb.v(event[1])
+        self.rules.prepare(tb, area_fields)
         for addr in list(tb.addrs):
             tb.v(m.read(addr))
         out: list[str] = []
@@ -263,6 +273,8 @@ class Model:
         w(f"byte cpus[{ncpus}];")
         w("byte up; byte um; byte us; bit killed; bit incomplete;")
         w(f"hidden {vtype} val; hidden byte sec; hidden byte ipsec; hidden byte tmp;")
+        w("hidden byte leave; hidden byte syscalled;")
+        self.rules.declare(w)
         # ---- per-thread tables as inlines over pc
         for i, t in enumerate(threads):
             tid = i + 1
@@ -276,6 +288,7 @@ class Model:
         w("  fi")
         w("}")
         self._kernel(w, threads, tb, area_fields, ncpus)
+        self.rules.inlines(w)  # the hooks _kernel calls (after its macros)
         # ---- the scheduler: one move per line
         lines: dict[int, tuple] = {}
         body: list[tuple[str, tuple]] = []
@@ -317,6 +330,7 @@ class Model:
               f"status[{tid}] = {0 if k['status'] == 'run' else 1};")
         for c in range(ncpus):
             w(f"    cpus[{c}] = {0 if m.cpus[c] is None else m.cpus[c]};  /* 0: idle */")
+        self.rules.init(w)
         w("  }")
         w("  do")
         start = len(out) + 1
@@ -383,6 +397,14 @@ class Model:
                 continue
             w(f"  :: pc[{tid}] == {s} -> " + self._step_code(t, tid, s, step, tb, fields))
         w("  fi;")
+        if any(type(step) is Syscall for step in steps):
+            # the end of a system call, once per thread (not per call site:
+            # a d_step's length is limited)
+            w(f"  if :: syscalled -> syscalled = 0; "
+              f"if :: leave && cpu[{tid}] != NOCPU -> switch_out({tid}, {EV_PREEMPT}); "
+              f"after_yield({tid}) "
+              f":: !leave && cpu[{tid}] != NOCPU -> return_to_user({tid}) "
+              ":: else -> skip fi :: else -> skip fi;")
         w(f"  after_step({tid})")
         w("}")
         w(f"inline choose_{tid}(k) {{")
@@ -465,16 +487,31 @@ class Model:
         if cls is Mark:
             return goto(None)
         if cls is Syscall:
-            fatal = m.variant.syscall_in_cs == "fatal"
-            pre = f"syscall_entry({tid}); " if fatal else ""
-            back = (f"if :: !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) "
-                    ":: else -> skip fi")
-            if step.name == "getcpu":
-                return (pre + "if :: !killed -> " + branch_on(f"cpu[{tid}]")
-                        + " :: else -> skip fi; " + back)
-            result = _SYSCALL_RESULTS[step.name]
-            return pre + f"if :: !killed -> {goto(result)} :: else -> skip fi; " + back
+            return self._syscall_code(t, tid, step, branch_on, goto)
         raise Unsupported(f"{t.name} yields {step!r}")
+
+    def _syscall_code(self, t, tid, step, branch_on, goto) -> str:
+        """A system call as Machine._syscall: the entry check, the call (the
+        variant's rules first), the result fed to the program, then either
+        leaving the CPU (``leave``: sched_yield, a revoked slice grant) or
+        the return to user space."""
+        fatal = self.m.variant.syscall_in_cs == "fatal"
+        pre = f"syscall_entry({tid}); " if fatal else ""
+        if step.name == "getcpu":
+            default = branch_on(f"cpu[{tid}]")
+        elif step.name == "sched_yield":
+            default = goto(0) + "; leave = 1"
+        elif step.name in _SYSCALL_RESULTS:
+            default = goto(_SYSCALL_RESULTS[step.name])
+        else:
+            default = None  # Variant.syscall's -ENOSYS, unless the variant's rules know it
+        effect = self.rules.syscall(t, tid, step, branch_on, goto, default)
+        if effect is None:
+            if default is None:
+                raise Unsupported(f"{t.name} makes the system call {step.name}()")
+            effect = default
+        # then step_<tid> leaves the CPU or returns to user space (syscalled)
+        return pre + f"leave = 0; if :: !killed -> {effect}; syscalled = 1 :: else -> skip fi"
 
     def _kernel(self, w, threads, tb, area_fields, ncpus) -> None:
         n = len(threads)
@@ -509,32 +546,43 @@ class Model:
             ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
             ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
             "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
-            "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
+            "update_ids_{tid}()"
         ))
         per_thread("syscall_entry", (
-            "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
-            "if :: mem[{rseq_cs}] != 0 && sec == ipsec -> kill() :: else -> skip fi"
+            "if :: registered({tid}) -> desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
+            "if :: mem[{rseq_cs}] != 0 && sec == ipsec -> kill() :: else -> skip fi "
+            ":: else -> skip fi"
         ))
         per_thread("handler", "handler_{tid}()")
         # the value numbers of CPU ids are the CPU numbers (numbered first)
         assert all(tb.values[c] == c + (0 if c == 0 else 0) for c in range(ncpus)) or True
+        # Variant.resume: nothing for a thread that is not registered
         w("inline return_to_user(t) {")
-        w("  if :: notify[t] -> notify[t] = 0; fixup(t); ev[t] = 0 :: else -> skip fi")
+        w("  if :: notify[t] -> notify[t] = 0; "
+          "if :: registered(t) -> fixup(t) :: else -> skip fi; ev[t] = 0 :: else -> skip fi")
         w("}")
         w("inline switch_out(t, e) {")
-        w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU; ev[t] = ev[t] | e; notify[t] = 1")
+        w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU;")
+        w("  if :: registered(t) -> ev[t] = ev[t] | e; notify[t] = 1 :: else -> skip fi;")
+        w("  on_switch_out(t)")
         w("}")
         w("inline schedule_in(t, c) {")
         w("  if :: last[t] != NOCPU && last[t] != c -> "
-          f"ev[t] = ev[t] | {EV_MIGRATE}; notify[t] = 1 "
+          f"ev[t] = ev[t] | {EV_MIGRATE}; "
+          "if :: registered(t) -> notify[t] = 1 :: else -> skip fi "
           ":: else -> skip fi;")
         w("  cpu[t] = c; cpus[c] = t;")
+        w("  on_switch_in(t);")
         w("  return_to_user(t)")
         w("}")
+        # Machine's preempt move: the variant may intercept it (a slice grant)
         w("inline preempt(c, w) {")
         w("  tmp = cpus[c];")
-        w(f"  switch_out(tmp, {EV_PREEMPT});")
-        w("  if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
+        w("  slice_intercepts(tmp, w);")
+        w("  if :: intercepted -> skip")
+        w(f"  :: else -> switch_out(tmp, {EV_PREEMPT}); "
+          "if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
+        w("  fi")
         w("}")
         w("inline migrate(t, c) {")
         w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) "
@@ -543,13 +591,17 @@ class Model:
         w("  schedule_in(t, c)")
         w("}")
         w("inline signal(t) {")
-        w(f"  ev[t] = ev[t] | {EV_SIGNAL}; notify[t] = 1;")
+        w(f"  ev[t] = ev[t] | {EV_SIGNAL}; "
+          "if :: registered(t) -> notify[t] = 1 :: else -> skip fi;")
         w("  return_to_user(t);")
         w("  handler(t)")
         w("}")
+        # Machine._after_user_step: the exit, or the variant's rule after a step
         w("inline after_step(t) {")
         w("  if :: !killed && !hasstep(t) -> status[t] = 1; "
-          "if :: cpu[t] != NOCPU -> cpus[cpu[t]] = 0; cpu[t] = NOCPU :: else -> skip fi "
+          "if :: cpu[t] != NOCPU -> cpus[cpu[t]] = 0; cpu[t] = NOCPU :: else -> skip fi; "
+          "on_exit(t) "
+          ":: !killed && hasstep(t) -> after_user_step(t) "
           ":: else -> skip fi")
         w("}")
 
