@@ -62,7 +62,7 @@ class KernelRules:
         self.fields = fields
 
     def declare(self, w) -> None:
-        w("#define registered(t) (1)")
+        w("#define registered(t) (reg[t] != 0)")
         w("#define intercepted 0")
 
     def init(self, w) -> None:
@@ -192,7 +192,7 @@ class SliceRules(KernelRules):
             tb.v(value)
 
     def declare(self, w) -> None:
-        w("#define registered(t) (1)")
+        w("#define registered(t) (reg[t] != 0)")
         w(f"#define SLICE_STEPS {self.variant.slice_steps}")
         w(f"#define NOCACHE {_NOCACHE}")
         n = len(self.threads) + 1
@@ -258,7 +258,7 @@ class SliceRules(KernelRules):
         w("inline after_user_step(t) {")
         w("  if :: sleft[t] > 0 && cpu[t] != NOCPU -> sleft[t]--;")
         w("     if :: sleft[t] == 0 -> revoke(t); "
-          f"switch_out(t, {EV_PREEMPT}); after_yield(t) :: else -> skip fi")
+          f"switch_out(t, {EV_PREEMPT}); yielded = 1 :: else -> skip fi")
         w("  :: else -> skip fi")
         w("}")
 
@@ -326,9 +326,7 @@ class SizeFlagRules(KernelRules):
         v = self.variant
         self.registrations = []
         for t in self.threads:
-            calls = {s.args for s in t.table.steps if type(s).__name__ == "Syscall"
-                     and s.name == "rseq"}
-            for args in calls:
+            for args in self._calls(t):
                 if args[2] & _abi.FLAG_UNREGISTER:
                     raise Unsupported(f"{t.name} unregisters (not exported under {v.name})")
                 if args[0] != t.ctx.area:
@@ -348,11 +346,17 @@ class SizeFlagRules(KernelRules):
             if isinstance(value, int) and not isinstance(value, bool):
                 tb.v(min(_abi.SF_KERNEL_SIZE, value))
 
+    @staticmethod
+    def _calls(t) -> set:
+        """The arguments of the thread's rseq(2) calls."""
+        return {tuple(s.args) + (0,) * (4 - len(s.args)) for s in t.table.steps
+                if type(s).__name__ == "Syscall" and s.name == "rseq"}
+
     def declare(self, w) -> None:
         n = len(self.threads) + 1
-        w("#define registered(t) (reg[t])")
+        w("#define registered(t) (reg[t] != 0)")
         w("#define intercepted 0")
-        w(f"bit reg[{n}]; byte ksize[{n}];  /* registered, kernel_size (bytes) */")
+        w(f"byte ksize[{n}];  /* kernel_size (bytes) */")
         w(f"byte cid[{n}];  /* mm_cid, {len(self.threads) + 1}: none */")
         w("hidden short ks; hidden byte clash; hidden byte flagged; hidden byte j; "
           "hidden byte freecid;")
@@ -362,7 +366,7 @@ class SizeFlagRules(KernelRules):
             registered = t.k["rseq"] is not None
             ks = t.k["extra"][0] if registered and t.k["extra"] else 0
             cid = t.k["mm_cid"]
-            w(f"    reg[{tid}] = {int(registered)}; ksize[{tid}] = {ks}; "
+            w(f"    ksize[{tid}] = {ks}; "
               f"cid[{tid}] = {len(self.threads) + 1 if cid is None else cid};")
 
     def inlines(self, w) -> None:
@@ -459,16 +463,24 @@ class SizeFlagRules(KernelRules):
         area, length, flags, sig = (tuple(step.args) + (0, 0, 0, 0))[:4]
         length &= 0xFFFFFFFF
         sig &= 0xFFFFFFFF
+        self._sig = sig
         if flags & ~(v.allowed_flags & ~_abi.FLAG_UNREGISTER):
             return goto(-_abi.EINVAL)
-        registered = t.k["rseq"]
-        # re-registration: the same area and length (the only registration
-        # a thread makes here, checked in prepare) -> EBUSY, or EPERM when
-        # the signature differs from the one registered
-        same_sig = registered is None or registered[2] == sig
-        again = goto(-_abi.EBUSY) if same_sig else goto(-_abi.EPERM)
-        if registered is not None and (registered[0] != area or registered[1] != length):
-            again = goto(-_abi.EINVAL)
+        # re-registration (Variant.sys_rseq): EINVAL for another area or
+        # length, EPERM for another signature, else EBUSY; the registrations
+        # a thread can hold are its initial one and those its calls make
+        held = {t.k["rseq"]} | {(a, ln & 0xFFFFFFFF, sg & 0xFFFFFFFF)
+                                for a, ln, _, sg, *_ in self._calls(t)}
+        alts = []
+        for registration in sorted(held - {None}):
+            if registration[0] != area or registration[1] != length:
+                outcome = goto(-_abi.EINVAL)
+            elif registration[2] != sig:
+                outcome = goto(-_abi.EPERM)
+            else:
+                outcome = goto(-_abi.EBUSY)
+            alts.append(f":: reg[{tid}] == {self.model.reg_number(registration)} -> {outcome}")
+        again = "if " + " ".join(alts) + " :: else -> incomplete = 1 fi"
         # SizeFlag2020.registration_rule and _access_ok
         if not (length >= _abi.ORIG_SIZE and area % _abi.ORIG_ALIGN == 0):
             first = goto(-_abi.EINVAL)
@@ -482,7 +494,8 @@ class SizeFlagRules(KernelRules):
         """SizeFlag2020.before_activate, then the registration itself."""
         i = tid - 1
         reg = self.registrations[i]
-        done = f"reg[{tid}] = 1; ksize[{tid}] = ks; notify[{tid}] = 1; {goto(0)}"
+        number = self.model.reg_number((t.ctx.area, length, self._sig))
+        done = f"reg[{tid}] = {number}; ksize[{tid}] = ks; notify[{tid}] = 1; {goto(0)}"
         if not self.variant.options.get("negotiate", True):
             return f"ks = {min(_abi.SF_KERNEL_SIZE, length)}; {done}"
         if reg["flags"] is None:
