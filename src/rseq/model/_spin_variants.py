@@ -45,6 +45,7 @@ class KernelRules:
     two CPU id fields written on return to user space, no other hook."""
 
     options: tuple[str, ...] = ()  # variant options the export knows
+    tracks_kernel_writes = False  # writes every field the variant writes, for m.kernel_writes
     registers = False  # exports threads that register themselves (rseq(2))
     syscalls: frozenset[str] = frozenset()  # system calls beyond the generic ones
 
@@ -101,6 +102,23 @@ class KernelRules:
 
     def writable(self, address: int, size: int = 4) -> bool:
         return self.m.accessible(address, size, True)
+
+    def kernel_write(self, i: int, field: str, size: int = 4, address: int | None = None) -> str:
+        """``; kw = kw | bit``: a kernel write of thread ``i``'s ``field``
+        for a check_step that reads ``m.kernel_writes``, or "" when none
+        does.  Rules that do not write every field the Python variant
+        writes (node_id, mm_cid) cannot track them: Unsupported."""
+        if not self.model.track_kw:
+            return ""
+        if not self.tracks_kernel_writes:
+            from .spin import Unsupported
+
+            raise Unsupported("check_step reads the kernel's writes, which the export of "
+                              f"{self.model.variant} does not track")
+        t = self.threads[i]
+        if address is None:
+            address = t.ctx.area + self.variant.offsets[field]
+        return f"; kw = kw | {1 << self.model.kw_bit((address, size, field, t.tid))}"
 
     def update_ids(self, w) -> None:
         """Variant.update_ids: cpu_id_start and cpu_id (a CPU's value
@@ -317,6 +335,7 @@ class SizeFlagRules(KernelRules):
 
     options = ("negotiate",)
     registers = True
+    tracks_kernel_writes = True
     syscalls = frozenset({"rseq"})
 
     def prepare(self, tb, fields) -> None:
@@ -377,16 +396,18 @@ class SizeFlagRules(KernelRules):
         def ids(tid, i):
             f = self.fields[i]
             reg = self.registrations[i]
-            out = [f"mem[{f['cpu_id_start']}] = cpu[{tid}]", f"mem[{f['cpu_id']}] = cpu[{tid}]"]
+            kw = self.kernel_write
+            out = [f"mem[{f['cpu_id_start']}] = cpu[{tid}]{kw(i, 'cpu_id_start')}",
+                   f"mem[{f['cpu_id']}] = cpu[{tid}]{kw(i, 'cpu_id')}"]
             node = reg["node_id"]
             address = self.threads[i].ctx.area + _abi.SF_OFF_NODE_ID
-            write = (f"node_value(cpu[{tid}]); mem[{node}] = ks"
+            write = (f"node_value(cpu[{tid}]); mem[{node}] = ks{kw(i, 'node_id')}"
                      if node is not None and self.writable(address) else "kill()")
             out.append(f"if :: ksize[{tid}] >= {_abi.SF_OFF_NODE_ID + 4} -> {write} "
                        ":: else -> skip fi")
             cidf = reg["mm_cid"]
             address = self.threads[i].ctx.area + _abi.SF_OFF_MM_CID
-            write = (f"cid_value(cid[{tid}]); mem[{cidf}] = ks"
+            write = (f"cid_value(cid[{tid}]); mem[{cidf}] = ks{kw(i, 'mm_cid')}"
                      if cidf is not None and self.writable(address) else "kill()")
             out.append(f"if :: !killed && ksize[{tid}] >= {_abi.SF_OFF_MM_CID + 4} -> {write} "
                        ":: else -> skip fi")
@@ -508,7 +529,8 @@ class SizeFlagRules(KernelRules):
                 with_flag = goto(-_abi.EFAULT)
             else:
                 with_flag = (f"negotiated(mem[{reg['user_size']}]); ks_value(ks); "
-                             f"mem[{reg['kernel_size']}] = val; {done}")
+                             f"mem[{reg['kernel_size']}] = val"
+                             f"{self.kernel_write(i, 'kernel_size')}; {done}")
         return (f"size_flag(mem[{reg['flags']}]); "
                 f"if :: flagged -> {with_flag} :: else -> ks = {_abi.ORIG_SIZE}; {done} fi")
 

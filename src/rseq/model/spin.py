@@ -240,12 +240,38 @@ class _WholeGhost(_Recording):
         super().__setitem__(key, value)
 
 
-class _NoKernelWrites(list):
-    def __iter__(self):
-        raise Unsupported("check_step reads m.kernel_writes (the kernel's writes of the "
-                          "last move), which the export does not track")
+class _KernelWrites(list):
+    """``m.kernel_writes`` while check_step runs: reading it is one input,
+    the set of the move's kernel writes (addr, size, field, tid), which the
+    Promela machine keeps as a bit mask (``kw``) where the variant's rules
+    track their writes (``KernelRules.kernel_write``).  A check whose
+    verdict depended on their order or repetition would give two outcomes
+    for one input, which the tree refuses."""
 
-    __len__ = __getitem__ = __iter__
+    def __init__(self, writes, reads: dict, model: Model):
+        super().__init__(writes)
+        self._reads = reads
+        self._model = model
+
+    def _note(self) -> None:
+        if ("kw",) not in self._reads:
+            if not self._model.rules.tracks_kernel_writes:
+                raise Unsupported("check_step reads m.kernel_writes (the kernel's writes of "
+                                  f"the last move), which the export of "
+                                  f"{self._model.variant} does not track")
+            self._reads[("kw",)] = frozenset(list.__iter__(self))
+
+    def __iter__(self):
+        self._note()
+        return list.__iter__(self)
+
+    def __len__(self):
+        self._note()
+        return list.__len__(self)
+
+    def __getitem__(self, index):
+        self._note()
+        return list.__getitem__(self, index)
 
 
 # a thread's kernel state the Promela machine holds, and how
@@ -276,7 +302,7 @@ class _Learner:
         if self.ghost:
             self.ghost_rec = _WholeGhost(m.ghost, self.reads, self.model.ghost_number(m.ghost))
             m.ghost = self.ghost_rec
-            m.kernel_writes = _NoKernelWrites()
+            m.kernel_writes = _KernelWrites(m.kernel_writes, self.reads, self.model)
         return self
 
     def _k_name(self, tid):
@@ -415,6 +441,8 @@ class Model:
         self.ghost_values: list[dict] = []
         self.regs: dict[object, int] = {None: 0}  # registration -> number
         self.messages: list[str | None] = [None]  # stepbad -> check_step's message
+        self.kw_bits: dict[tuple, int] = {}  # a kernel write -> its bit in kw
+        self.track_kw = False
         self.ghost_number(self.m.ghost)
         # the variant's own kernel rules (sched_state, the slice extension,
         # seed 000's negotiation): Promela written in _spin_variants
@@ -437,6 +465,13 @@ class Model:
         if message not in self.messages:
             self.messages.append(message)
         return self.messages.index(message)
+
+    def kw_bit(self, entry: tuple) -> int:
+        """The bit of a kernel write (addr, size, field, tid) in ``kw``."""
+        bit = self.kw_bits.setdefault(entry, len(self.kw_bits))
+        if bit > 30:
+            raise Unsupported("more than 31 distinct kernel writes to track for check_step")
+        return bit
 
     def context_number(self, context) -> int:
         return self.contexts.setdefault(context, len(self.contexts) + 1)
@@ -618,6 +653,8 @@ class Model:
         w("hidden byte sys;  /* the step is a system call */")
         w("hidden byte leave;  /* the system call leaves the CPU */")
         w("hidden byte yielded;  /* the thread left its CPU: after_yield */")
+        if self.track_kw:
+            w("hidden int kw;  /* the kernel's writes in this move, a bit each (kw_bit) */")
         self.rules.declare(w)
         # ---- per-thread tables as inlines over pc
         for i, t in enumerate(threads):
@@ -694,7 +731,8 @@ class Model:
         stop = " && stepbad == 0" if bad == "step" else ""
         for text, move in body:
             lines[len(out) + 1] = move
-            w(f"  :: d_step {{ !killed && !incomplete{stop} && {text} }}")
+            reset = "; kw = 0" if self.track_kw else ""  # judged: the next move's writes
+            w(f"  :: d_step {{ !killed && !incomplete{stop} && {text}{reset} }}")
         w("  :: killed || incomplete || alldone" + (" || stepbad != 0" if stop else "")
           + " -> break")
         w("  od;")
@@ -867,6 +905,8 @@ class Model:
             return f"mem[{self.tb.a(name[1])}] == {self.tb.v(value)}"
         if name[0] == "ghost":
             return f"ghost == {value}"
+        if name[0] == "kw":
+            return f"kw == {sum(1 << self.kw_bit(entry) for entry in value)}"
         _, tid, key = name
         return f"{self._K_VARS[key]}[{tid}] == {self._k_value(key, value)}"
 
@@ -927,7 +967,11 @@ class Model:
                 leaf(tree.leaf)
                 return
             for value, child in tree.branches.items():
-                if tree.input[0] == "mem":
+                if tree.input[0] == "kw":
+                    self.track_kw = True
+                    for entry in value:
+                        self.kw_bit(entry)
+                elif tree.input[0] == "mem":
                     tb.a(tree.input[1])
                     tb.v(value)
                 elif tree.input[0] == "k" and tree.input[2] == "rseq":
@@ -949,6 +993,7 @@ class Model:
                                           "than its own (not exported)")
                     self.reg_number(value)
 
+        self.track_kw = False  # check_step reads the kernel's writes of a move
         for tree in self.effects.values():
             walk(tree, effect)
         for tree in self.judgments.values():
@@ -1021,7 +1066,10 @@ class Model:
             w("  if")
             for i in range(n):
                 tid = i + 1
-                w(f"  :: t == {tid} -> " + template.format(tid=tid, **area_fields[i]))
+                # kw_rseq_cs: the clear of rseq_cs as a kernel write, where tracked
+                kw = self.rules.kernel_write(i, "rseq_cs", 8)
+                w(f"  :: t == {tid} -> " + template.format(tid=tid, kw_rseq_cs=kw,
+                                                           **area_fields[i]))
             w("  fi")
             w("}")
 
@@ -1042,10 +1090,10 @@ class Model:
         per_thread("fixup", (
             "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
             "if :: mem[{rseq_cs}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
+            ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0{kw_rseq_cs} "
             ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
             ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
-            "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
+            "mem[{rseq_cs}] = 0{kw_rseq_cs}; abort_{tid}() fi; "
             "update_ids_{tid}()"
         ))
         per_thread("syscall_entry", (
