@@ -685,13 +685,14 @@ class Model:
             for tid in range(1, n + 1):
                 body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in({tid}, {c})",
                              ("schedule", c, tid)))
-        for c in range(ncpus):
+        # (a move whose budget is 0 is left out: less code for cc to compile)
+        for c in range(ncpus if P > 0 else 0):
             body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) -> "
                          f"up++; preempt({c}, 0)", ("preempt", c, None)))
             for tid in range(1, n + 1):
                 body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) && "
                              f"waiting({tid}) -> up++; preempt({c}, {tid})", ("preempt", c, tid)))
-        for tid in range(1, n + 1):
+        for tid in range(1, n + 1 if M > 0 else 1):
             for c in range(ncpus):
                 body.append((f"um < MIGRATIONS && cpu[{tid}] != NOCPU && cpu[{tid}] != {c} && "
                              f"hasstep({tid}) -> um++; migrate({tid}, {c})", ("migrate", tid, c)))
@@ -700,9 +701,13 @@ class Model:
                 body.append((f"us < SIGNALS && cpu[{tid}] != NOCPU && hasstep({tid}) -> us++; "
                              f"signal({tid})", ("signal", tid)))
         if self.check is not None:
-            # check_step after every move: user steps set je on their edge
-            kernel = "je = 1; " if self.by_move else ""
-            body = [(text + ("; " if i < user_moves else "; " + kernel) + "judge()", move)
+            # check_step after every move: user steps set je on their edge;
+            # the scheduler's moves are one context, left out when judged
+            # fine with nothing to update
+            kernel = self.judgments.get("kernel" if self.by_move else "any")
+            quiet = kernel is not None and kernel.constant == (0, None)
+            kernel_judge = "" if quiet else "; je = 1; judge()" if self.by_move else "; judge()"
+            body = [(text + ("; judge()" if i < user_moves else kernel_judge), move)
                     for i, (text, move) in enumerate(body)]
         w("active proctype machine() {")
         w("  d_step {")
