@@ -15,7 +15,9 @@ written twice:
   section, the lazy clear of ``rseq_cs``, the kill of a thread that makes a
   system call inside a section where the variant says so) is the Python
   machine's ``choices``/``apply`` written once in Promela below, with the
-  variant's offsets and rules filled in;
+  variant's offsets filled in; the variant's own rules (sched_state, the
+  slice extension and optimised IDs, seed 000's registration) are Promela
+  written in ``_spin_variants``, called through hooks;
 - the property: SPIN prints every reachable final state (the shared memory,
   the budgets used, whether the process was killed) and the scenario's own
   ``check_final`` judges each; a violating final state becomes an assertion,
@@ -26,7 +28,7 @@ Bounds (preemptions, migrations, signals) are ``#define`` parameters; the
 thread count is the scenario's (``--threads`` where the scenario scales).
 What cannot be exported yet raises ``Unsupported`` with the reason:
 ``check_step`` properties, system calls other than the thread-private
-ones, variants other than linux-4.18, linux-6.3 and freebsd-2021, programs
+ones, variants without Promela rules (ktls-2020), programs
 that read ``node_id``/``mm_cid`` (not modelled in Promela).
 """
 
