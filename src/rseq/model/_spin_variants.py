@@ -204,6 +204,16 @@ class SliceRules(KernelRules):
                     from .spin import Unsupported
 
                     raise Unsupported(f"{t.name} writes {self.m.sym(addr)} (not exported)")
+        # whether a slice can ever be granted: a thread registered with the
+        # extension on, or a prctl that enables it; else the slice rules are
+        # left out (less code in every move: SPIN allows 2048 jumps in a
+        # d_step)
+        enable = (_abi.PR_RSEQ_SLICE_EXTENSION, _abi.PR_RSEQ_SLICE_EXTENSION_SET)
+        self.slices = any(t.k["slice"][0] for t in self.threads) or any(
+            type(step).__name__ == "Syscall" and step.name == "prctl"
+            and tuple(step.args[:2]) == enable and len(step.args) > 2
+            and step.args[2] & _abi.PR_RSEQ_SLICE_EXT_ENABLE
+            for t in self.threads for step in t.table.steps)
         for value in (0, 1, -_abi.EINVAL, -_abi.ENXIO, -_abi.ENOTSUPP, -_abi.ENOSYS,
                       _abi.FLAGS_SLICE_EXT_AVAILABLE,
                       _abi.FLAGS_SLICE_EXT_AVAILABLE | _abi.FLAGS_SLICE_EXT_ENABLED):
@@ -217,7 +227,10 @@ class SliceRules(KernelRules):
         w(f"bit slen[{n}]; byte sleft[{n}]; byte spend[{n}];  /* the slice: enabled, "
           "steps left of a grant, the preempting thread (0: another task) */")
         w(f"byte idcache[{n}];  /* optimised mode: the CPU id last written */")
-        w("hidden byte intercepted; hidden byte handoff; hidden byte inc; hidden byte yc;")
+        if self.slices:
+            w("hidden byte intercepted; hidden byte handoff; hidden byte inc; hidden byte yc;")
+        else:
+            w("#define intercepted 0  /* no slice can be granted */")
 
     def init(self, w) -> None:
         for tid, t in enumerate(self.threads, 1):
@@ -247,6 +260,11 @@ class SliceRules(KernelRules):
         self.per_thread(w, "update_ids", ids)
         for name in ("on_switch_in", "on_switch_out", "on_exit"):
             w(f"inline {name}(t) {{ skip }}")
+        if not self.slices:
+            for name in ("after_user_step", "after_yield", "revoke"):
+                w(f"inline {name}(t) {{ skip }}")
+            w("inline slice_intercepts(t, w) { skip }")
+            return
         one, zero = tb.v(1), tb.v(0)
         # _revoke: granted cleared, the grant over; the deferred preemption
         # hands the CPU to the thread that asked for it (or back to t)
@@ -282,6 +300,9 @@ class SliceRules(KernelRules):
 
     def syscall(self, t, tid, step, branch_on, goto, default) -> str | None:
         name = step.name
+        if not self.slices:  # no grant to end or revoke
+            return self._prctl(t, tid, step, goto) if name == "prctl" else (
+                goto(0) if name == "rseq_slice_yield" else None)
         if name == "rseq_slice_yield":
             return (f"if :: sleft[{tid}] > 0 -> revoke({tid}); {goto(0)}; leave = 1 "
                     f":: else -> {goto(0)} fi")

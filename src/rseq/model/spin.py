@@ -654,6 +654,7 @@ class Model:
         w("hidden short je;  /* the judgment context of the last move */")
         w("hidden byte sys;  /* the step is a system call */")
         w("hidden byte leave;  /* the system call leaves the CPU */")
+        w("hidden byte incoming;  /* the thread a preemption schedules in */")
         w("hidden byte yielded;  /* the thread left its CPU: after_yield */")
         if self.track_kw:
             w("hidden int kw;  /* the kernel's writes in this move, a bit each (kw_bit) */")
@@ -1139,8 +1140,10 @@ class Model:
         w("  tmp = cpus[c];")
         w("  slice_intercepts(tmp, w);")
         w("  if :: intercepted -> skip")
+        # one schedule_in (the fixup's tables, inlined twice, can pass
+        # SPIN's 2048 jumps in a d_step)
         w(f"  :: else -> switch_out(tmp, {EV_PREEMPT}); "
-          "if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
+          "incoming = (w == 0 -> tmp : w); schedule_in(incoming, c)")
         w("  fi")
         w("}")
         w("inline migrate(t, c) {")
