@@ -377,6 +377,14 @@ class SizeFlagRules(KernelRules):
                 address = area + v.offsets[name]
                 extra[name] = tb.a(address) if self.m.accessible(address, 4, False) else None
             self.registrations.append(extra)
+        # whether any thread can get a kernel_size that covers node_id: a
+        # registration at the start, or a call (negotiated: any user_size)
+        negotiate = self.variant.options.get("negotiate", True)
+        self.wide = any(
+            t.k["rseq"] is not None and t.k["extra"] and t.k["extra"][0] > _abi.SF_OFF_NODE_ID
+            or any(negotiate or call[1] & 0xFFFFFFFF > _abi.SF_OFF_NODE_ID
+                   for call in self._calls(t))
+            for t in self.threads)
         self.nodes = [tb.v(node) for node in self.m.nodes]
         self.cids = [tb.v(c) for c in range(len(self.threads) + 1)]
         for value in (0, -_abi.EINVAL, -_abi.EBUSY, -_abi.EFAULT, -_abi.EPERM, _abi.ORIG_SIZE):
@@ -397,7 +405,8 @@ class SizeFlagRules(KernelRules):
         w("#define registered(t) (reg[t] != 0)")
         w("#define intercepted 0")
         w(f"byte ksize[{n}];  /* kernel_size (bytes) */")
-        w(f"byte cid[{n}];  /* mm_cid, {len(self.threads) + 1}: none */")
+        if self.wide:
+            w(f"byte cid[{n}];  /* mm_cid, {len(self.threads) + 1}: none */")
         w("hidden short ks; hidden byte clash; hidden byte flagged; hidden byte j; "
           "hidden byte freecid;")
 
@@ -406,8 +415,9 @@ class SizeFlagRules(KernelRules):
             registered = t.k["rseq"] is not None
             ks = t.k["extra"][0] if registered and t.k["extra"] else 0
             cid = t.k["mm_cid"]
-            w(f"    ksize[{tid}] = {ks}; "
-              f"cid[{tid}] = {len(self.threads) + 1 if cid is None else cid};")
+            w(f"    ksize[{tid}] = {ks};")
+            if self.wide:
+                w(f"    cid[{tid}] = {len(self.threads) + 1 if cid is None else cid};")
 
     def inlines(self, w) -> None:
         tb = self.tb
@@ -420,6 +430,8 @@ class SizeFlagRules(KernelRules):
             kw = self.kernel_write
             out = [f"mem[{f['cpu_id_start']}] = cpu[{tid}]{kw(i, 'cpu_id_start')}",
                    f"mem[{f['cpu_id']}] = cpu[{tid}]{kw(i, 'cpu_id')}"]
+            if not self.wide:  # kernel_size stays below node_id's end
+                return "; ".join(out)
             node = reg["node_id"]
             address = self.threads[i].ctx.area + _abi.SF_OFF_NODE_ID
             write = (f"node_value(cpu[{tid}]); mem[{node}] = ks{kw(i, 'node_id')}"
@@ -447,20 +459,24 @@ class SizeFlagRules(KernelRules):
         w("}")
         self.per_thread(w, "update_ids", ids)
         # Machine._assign_cid: keep the thread's id while no other running
-        # thread holds it, else take the smallest free one
+        # thread holds it, else take the smallest free one (only where
+        # mm_cid can be written)
         w("inline on_switch_in(t) {")
-        w(f"  clash = (cid[t] == {n + 1}); j = 1;")
-        w(f"  do :: j <= {n} -> if :: j != t && cpu[j] != NOCPU && cid[j] == cid[t] -> clash = 1 "
-          ":: else -> skip fi; j++")
-        w("  :: else -> break od;")
-        w("  if :: clash -> freecid = 0;")
-        w("     do :: true -> clash = 0; j = 1;")
-        w(f"          do :: j <= {n} -> if :: j != t && cpu[j] != NOCPU && cid[j] == freecid -> "
-          "clash = 1 :: else -> skip fi; j++ :: else -> break od;")
-        w("          if :: clash -> freecid++ :: else -> break fi")
-        w("     od;")
-        w("     cid[t] = freecid")
-        w("  :: else -> skip fi")
+        if self.wide:
+            w(f"  clash = (cid[t] == {n + 1}); j = 1;")
+            w(f"  do :: j <= {n} -> if :: j != t && cpu[j] != NOCPU && cid[j] == cid[t] -> "
+              "clash = 1 :: else -> skip fi; j++")
+            w("  :: else -> break od;")
+            w("  if :: clash -> freecid = 0;")
+            w("     do :: true -> clash = 0; j = 1;")
+            w(f"          do :: j <= {n} -> if :: j != t && cpu[j] != NOCPU && "
+              "cid[j] == freecid -> clash = 1 :: else -> skip fi; j++ :: else -> break od;")
+            w("          if :: clash -> freecid++ :: else -> break fi")
+            w("     od;")
+            w("     cid[t] = freecid")
+            w("  :: else -> skip fi")
+        else:
+            w("  skip")
         w("}")
         for name in ("on_switch_out", "on_exit", "after_user_step", "after_yield"):
             w(f"inline {name}(t) {{ skip }}")
