@@ -51,6 +51,9 @@ _SYSCALL_RESULTS = {"getpid": 0, "nop": 0, "write": 0}  # getcpu: the CPU
 LEARNED_SYSCALLS = ("rseq",)
 MAX_ROUNDS = 60  # model completion rounds before giving up
 TRAILS_PER_ROUND = 20
+# the unreduced Python search that seeds the automata (list-pop-rseq at its default
+# bounds needs about 200,000 states, 12 s; seeding by random runs left it minutes of rounds)
+SEED_STATES = 300_000
 
 
 class Unsupported(Exception):
@@ -468,7 +471,7 @@ class Model:
                     break
                 self.apply(moves[rng.randrange(len(moves))])
 
-    def seed_search(self, max_states: int = 100_000) -> bool:
+    def seed_search(self, max_states: int = SEED_STATES) -> bool:
         """An exhaustive search of the unreduced machine, up to
         ``max_states``: at small bounds every edge SPIN needs, in one go
         (True when it completed)."""
@@ -631,23 +634,26 @@ class Model:
         user_moves = len(body)
         for c in range(ncpus):
             for tid in range(1, n + 1):
-                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in({tid}, {c})",
+                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in_{tid}({c})",
                              ("schedule", c, tid)))
         # (a move whose budget is 0 is left out: less code for cc to compile)
         for c in range(ncpus if P > 0 else 0):
             body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) -> "
-                         f"up++; preempt({c}, 0)", ("preempt", c, None)))
+                         f"up++; preempt({c})", ("preempt", c, None)))
             for tid in range(1, n + 1):
                 body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) && "
-                             f"waiting({tid}) -> up++; preempt({c}, {tid})", ("preempt", c, tid)))
+                             f"waiting({tid}) -> up++; leave_cpu({c}); schedule_in_{tid}({c})",
+                             ("preempt", c, tid)))
         for tid in range(1, n + 1 if M > 0 else 1):
             for c in range(ncpus):
                 body.append((f"um < MIGRATIONS && cpu[{tid}] != NOCPU && cpu[{tid}] != {c} && "
-                             f"hasstep({tid}) -> um++; migrate({tid}, {c})", ("migrate", tid, c)))
+                             f"hasstep({tid}) -> um++; leave_cpu({c}); "
+                             f"switch_out({tid}, {EV_PREEMPT}); schedule_in_{tid}({c})",
+                             ("migrate", tid, c)))
         if S > 0:
             for tid in range(1, n + 1):
                 body.append((f"us < SIGNALS && cpu[{tid}] != NOCPU && hasstep({tid}) -> us++; "
-                             f"signal({tid})", ("signal", tid)))
+                             f"signal_{tid}()", ("signal", tid)))
         if self.check is not None:
             # check_step after every move: user steps set je on their edge;
             # the scheduler's moves are one context, left out when judged
@@ -757,7 +763,7 @@ class Model:
             w(f"  :: pc[{tid}] == {s} -> " + self._step_code(t, tid, s, step, tb, fields))
         w("  fi;")
         if syscalls:
-            w(f"  if :: sys && !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) "
+            w(f"  if :: sys && !killed && cpu[{tid}] != NOCPU -> return_to_user_{tid}() "
               ":: else -> skip fi;")
         w(f"  after_step({tid})")
         w("}")
@@ -979,7 +985,8 @@ class Model:
         n = len(threads)
 
         def per_thread(name: str, template: str) -> None:
-            w(f"inline {name}(t) {{")
+            params = "t, c" if name == "schedule_in" else "t"
+            w(f"inline {name}({params}) {{")
             w("  if")
             for i in range(n):
                 tid = i + 1
@@ -1000,57 +1007,64 @@ class Model:
         for c in range(ncpus):
             w(f"  cpus[{c}] = 0;")
         w("}")
-        # rseq_ip_fixup then the ID update, as Variant.resume
-        per_thread("fixup", (
-            "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
-            "if :: mem[{rseq_cs}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
-            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
-            "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
-            "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
-        ))
+        # rseq_ip_fixup then the ID update, as Variant.resume.  The return to
+        # user space and the schedule-in are written once per thread and
+        # called by name where the thread is known (a move of a given
+        # thread): an inline is text, and a dispatch over every thread in
+        # every move made pan.c several times larger (cc's time dominates).
+        # reg[t] != 0: the thread is registered (Machine.switch_out,
+        # schedule_in, the signal move and Variant.resume test k["rseq"]).
+        for i in range(n):
+            tid = i + 1
+            fields = area_fields[i]
+            w(f"inline fixup_{tid}() {{")
+            w("  " + (
+                "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
+                "if :: mem[{rseq_cs}] == 0 -> skip "
+                ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
+                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
+                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
+                "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
+                "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
+            ).format(tid=tid, **fields))
+            w("}")
+            w(f"inline return_to_user_{tid}() {{")
+            w(f"  if :: notify[{tid}] -> notify[{tid}] = 0; "
+              f"if :: reg[{tid}] != 0 -> fixup_{tid}() :: else -> skip fi; ev[{tid}] = 0 "
+              ":: else -> skip fi")
+            w("}")
+            w(f"inline schedule_in_{tid}(c) {{")
+            w(f"  if :: last[{tid}] != NOCPU && last[{tid}] != c -> "
+              f"ev[{tid}] = ev[{tid}] | {EV_MIGRATE}; "
+              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi "
+              ":: else -> skip fi;")
+            w(f"  cpu[{tid}] = c; cpus[c] = {tid};")
+            w(f"  return_to_user_{tid}()")
+            w("}")
+            w(f"inline signal_{tid}() {{")
+            w(f"  ev[{tid}] = ev[{tid}] | {EV_SIGNAL}; "
+              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi;")
+            w(f"  return_to_user_{tid}();")
+            w(f"  handler_{tid}()")
+            w("}")
         per_thread("syscall_entry", (
             "if :: reg[{tid}] != 0 -> desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
             "if :: mem[{rseq_cs}] != 0 && sec == ipsec -> kill() :: else -> skip fi "
             ":: else -> skip fi"
         ))
-        per_thread("handler", "handler_{tid}()")
-        # the value numbers of CPU ids are the CPU numbers (numbered first)
-        assert all(tb.values[c] == c + (0 if c == 0 else 0) for c in range(ncpus)) or True
-        # reg[t] != 0: the thread is registered (Machine.switch_out,
-        # schedule_in, the signal move and Variant.resume test k["rseq"])
-        w("inline return_to_user(t) {")
-        w("  if :: notify[t] -> notify[t] = 0; "
-          "if :: reg[t] != 0 -> fixup(t) :: else -> skip fi; ev[t] = 0 :: else -> skip fi")
-        w("}")
+        per_thread("schedule_in", "schedule_in_{tid}(c)")
         w("inline switch_out(t, e) {")
         w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU; "
           "if :: reg[t] != 0 -> ev[t] = ev[t] | e; notify[t] = 1 :: else -> skip fi")
         w("}")
-        w("inline schedule_in(t, c) {")
-        w("  if :: last[t] != NOCPU && last[t] != c -> "
-          f"ev[t] = ev[t] | {EV_MIGRATE}; "
-          "if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi "
-          ":: else -> skip fi;")
-        w("  cpu[t] = c; cpus[c] = t;")
-        w("  return_to_user(t)")
-        w("}")
-        w("inline preempt(c, w) {")
+        w("inline preempt(c) {  /* by another process: the thread comes back */")
         w("  tmp = cpus[c];")
         w(f"  switch_out(tmp, {EV_PREEMPT});")
-        w("  if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
+        w("  schedule_in(tmp, c)")
         w("}")
-        w("inline migrate(t, c) {")
-        w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) "
-          ":: else -> skip fi;")
-        w(f"  switch_out(t, {EV_PREEMPT});")
-        w("  schedule_in(t, c)")
-        w("}")
-        w("inline signal(t) {")
-        w(f"  ev[t] = ev[t] | {EV_SIGNAL}; if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi;")
-        w("  return_to_user(t);")
-        w("  handler(t)")
+        w("inline leave_cpu(c) {  /* the thread on c (if any) is switched out */")
+        w("  tmp = cpus[c];")
+        w(f"  if :: tmp != 0 -> switch_out(tmp, {EV_PREEMPT}) :: else -> skip fi")
         w("}")
         w("inline after_step(t) {")
         w("  if :: !killed && !hasstep(t) -> status[t] = 1; "
@@ -1205,7 +1219,7 @@ def check(
     threads: int | None = None,
     memory_mb: int = 4096,
     workdir: str | None = None,
-    seed_states: int = 100_000,
+    seed_states: int = SEED_STATES,
 ):
     """Check ``scenario`` with SPIN; returns a ``Result`` like ``explore``'s
     (mode "spin"), with a violation's trace replayed by the Python engine."""
