@@ -46,6 +46,7 @@ class KernelRules:
 
     options: tuple[str, ...] = ()  # variant options the export knows
     tracks_kernel_writes = False  # writes every field the variant writes, for m.kernel_writes
+    intercepts = False  # slice_intercepts can defer a preemption
     registers = False  # exports threads that register themselves (rseq(2))
     syscalls: frozenset[str] = frozenset()  # system calls beyond the generic ones
 
@@ -182,6 +183,10 @@ class SliceRules(KernelRules):
 
     options = ("revoke_on_syscall", "slice_steps", "slice_disabled_at_boot")
     syscalls = frozenset({"prctl", "rseq_slice_yield"})
+
+    @property
+    def intercepts(self) -> bool:
+        return self.slices
 
     def prepare(self, tb, fields) -> None:
         super().prepare(tb, fields)

@@ -54,6 +54,9 @@ _SYSCALL_RESULTS = {"getpid": 0, "nop": 0, "write": 0}  # getcpu: the CPU
 LEARNED_SYSCALLS = ("rseq",)
 MAX_ROUNDS = 60  # model completion rounds before giving up
 TRAILS_PER_ROUND = 20
+# the unreduced Python search that seeds the automata (list-pop-rseq at its default
+# bounds needs about 200,000 states, 12 s; seeding by random runs left it minutes of rounds)
+SEED_STATES = 300_000
 
 
 class Unsupported(Exception):
@@ -514,7 +517,7 @@ class Model:
                     break
                 self.apply(moves[rng.randrange(len(moves))])
 
-    def seed_search(self, max_states: int = 100_000) -> bool:
+    def seed_search(self, max_states: int = SEED_STATES) -> bool:
         """An exhaustive search of the unreduced machine, up to
         ``max_states``: at small bounds every edge SPIN needs, in one go
         (True when it completed)."""
@@ -654,7 +657,6 @@ class Model:
         w("hidden short je;  /* the judgment context of the last move */")
         w("hidden byte sys;  /* the step is a system call */")
         w("hidden byte leave;  /* the system call leaves the CPU */")
-        w("hidden byte incoming;  /* the thread a preemption schedules in */")
         w("hidden byte yielded;  /* the thread left its CPU: after_yield */")
         if self.track_kw:
             w("hidden int kw;  /* the kernel's writes in this move, a bit each (kw_bit) */")
@@ -686,23 +688,29 @@ class Model:
         user_moves = len(body)
         for c in range(ncpus):
             for tid in range(1, n + 1):
-                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in({tid}, {c})",
+                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in_{tid}({c})",
                              ("schedule", c, tid)))
         # (a move whose budget is 0 is left out: less code for cc to compile)
         for c in range(ncpus if P > 0 else 0):
             body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) -> "
-                         f"up++; preempt({c}, 0)", ("preempt", c, None)))
+                         f"up++; preempt({c})", ("preempt", c, None)))
             for tid in range(1, n + 1):
+                move = f"leave_cpu({c}); schedule_in_{tid}({c})"
+                if self.rules.intercepts:  # a slice grant may defer it
+                    move = (f"tmp = cpus[{c}]; slice_intercepts(tmp, {tid}); "
+                            f"if :: intercepted -> skip :: else -> {move} fi")
                 body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) && "
-                             f"waiting({tid}) -> up++; preempt({c}, {tid})", ("preempt", c, tid)))
+                             f"waiting({tid}) -> up++; {move}", ("preempt", c, tid)))
         for tid in range(1, n + 1 if M > 0 else 1):
             for c in range(ncpus):
                 body.append((f"um < MIGRATIONS && cpu[{tid}] != NOCPU && cpu[{tid}] != {c} && "
-                             f"hasstep({tid}) -> um++; migrate({tid}, {c})", ("migrate", tid, c)))
+                             f"hasstep({tid}) -> um++; leave_cpu({c}); "
+                             f"switch_out({tid}, {EV_PREEMPT}); schedule_in_{tid}({c})",
+                             ("migrate", tid, c)))
         if S > 0:
             for tid in range(1, n + 1):
                 body.append((f"us < SIGNALS && cpu[{tid}] != NOCPU && hasstep({tid}) -> us++; "
-                             f"signal({tid})", ("signal", tid)))
+                             f"signal_{tid}()", ("signal", tid)))
         if self.check is not None:
             # check_step after every move: user steps set je on their edge;
             # the scheduler's moves are one context, left out when judged
@@ -818,7 +826,7 @@ class Model:
             # slice grant), or return to user space
             w(f"  if :: sys && !killed && cpu[{tid}] != NOCPU -> "
               f"if :: leave -> switch_out({tid}, {EV_PREEMPT}); yielded = 1 "
-              f":: else -> return_to_user({tid}) fi "
+              f":: else -> return_to_user_{tid}() fi "
               ":: else -> skip fi;")
         w(f"  after_step({tid});")
         # the variant's after_yield, once (a d_step holds at most 2048
@@ -1070,7 +1078,8 @@ class Model:
         n = len(threads)
 
         def per_thread(name: str, template: str) -> None:
-            w(f"inline {name}(t) {{")
+            params = "t, c" if name == "schedule_in" else "t"
+            w(f"inline {name}({params}) {{")
             w("  if")
             for i in range(n):
                 tid = i + 1
@@ -1094,68 +1103,74 @@ class Model:
         for c in range(ncpus):
             w(f"  cpus[{c}] = 0;")
         w("}")
-        # rseq_ip_fixup then the ID update, as Variant.resume
-        per_thread("fixup", (
-            "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
-            "if :: mem[{rseq_cs}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0{kw_rseq_cs} "
-            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
-            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
-            "mem[{rseq_cs}] = 0{kw_rseq_cs}; abort_{tid}() fi; "
-            "update_ids_{tid}()"
-        ))
+        # rseq_ip_fixup then the ID update, as Variant.resume.  The return to
+        # user space and the schedule-in are written once per thread and
+        # called by name where the thread is known (a move of a given
+        # thread): an inline is text, and a dispatch over every thread in
+        # every move made pan.c several times larger (cc's time dominates).
+        # reg[t] != 0: the thread is registered (Machine.switch_out,
+        # schedule_in, the signal move and Variant.resume test k["rseq"]).
+        # The variant's hooks (update_ids_<tid>, on_switch_*, on_exit,
+        # after_user_step, after_yield, slice_intercepts) are written by
+        # self.rules (_spin_variants); kw_rseq_cs: the clear of rseq_cs as
+        # a kernel write, where a check_step reads them.
+        for i in range(n):
+            tid = i + 1
+            fields = area_fields[i]
+            kw = self.rules.kernel_write(i, "rseq_cs", 8)
+            w(f"inline fixup_{tid}() {{")
+            w("  " + (
+                "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
+                "if :: mem[{rseq_cs}] == 0 -> skip "
+                ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0{kw} "
+                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
+                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
+                "mem[{rseq_cs}] = 0{kw}; abort_{tid}() fi; "
+                "update_ids_{tid}()"
+            ).format(tid=tid, kw=kw, **fields))
+            w("}")
+            w(f"inline return_to_user_{tid}() {{")
+            w(f"  if :: notify[{tid}] -> notify[{tid}] = 0; "
+              f"if :: reg[{tid}] != 0 -> fixup_{tid}() :: else -> skip fi; ev[{tid}] = 0 "
+              ":: else -> skip fi")
+            w("}")
+            w(f"inline schedule_in_{tid}(c) {{")
+            w(f"  if :: last[{tid}] != NOCPU && last[{tid}] != c -> "
+              f"ev[{tid}] = ev[{tid}] | {EV_MIGRATE}; "
+              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi "
+              ":: else -> skip fi;")
+            w(f"  cpu[{tid}] = c; cpus[c] = {tid};")
+            w(f"  on_switch_in({tid});")
+            w(f"  return_to_user_{tid}()")
+            w("}")
+            w(f"inline signal_{tid}() {{")
+            w(f"  ev[{tid}] = ev[{tid}] | {EV_SIGNAL}; "
+              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi;")
+            w(f"  return_to_user_{tid}();")
+            w(f"  handler_{tid}()")
+            w("}")
         per_thread("syscall_entry", (
             "if :: reg[{tid}] != 0 -> desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
             "if :: mem[{rseq_cs}] != 0 && sec == ipsec -> kill() :: else -> skip fi "
             ":: else -> skip fi"
         ))
-        per_thread("handler", "handler_{tid}()")
-        # the value numbers of CPU ids are the CPU numbers (numbered first)
-        assert all(tb.values[c] == c + (0 if c == 0 else 0) for c in range(ncpus)) or True
-        # reg[t] != 0: the thread is registered (Machine.switch_out,
-        # schedule_in, the signal move and Variant.resume test k["rseq"])
-        w("inline return_to_user(t) {")
-        w("  if :: notify[t] -> notify[t] = 0; "
-          "if :: reg[t] != 0 -> fixup(t) :: else -> skip fi; ev[t] = 0 :: else -> skip fi")
-        w("}")
-        # the variant's hooks (on_switch_*, slice_intercepts, on_exit,
-        # after_user_step, after_yield, update_ids_<tid>) are written by
-        # self.rules (_spin_variants)
+        per_thread("schedule_in", "schedule_in_{tid}(c)")
         w("inline switch_out(t, e) {")
         w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU; "
           "if :: reg[t] != 0 -> ev[t] = ev[t] | e; notify[t] = 1 :: else -> skip fi;")
         w("  on_switch_out(t)")
         w("}")
-        w("inline schedule_in(t, c) {")
-        w("  if :: last[t] != NOCPU && last[t] != c -> "
-          f"ev[t] = ev[t] | {EV_MIGRATE}; "
-          "if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi "
-          ":: else -> skip fi;")
-        w("  cpu[t] = c; cpus[c] = t;")
-        w("  on_switch_in(t);")
-        w("  return_to_user(t)")
-        w("}")
-        # Machine's preempt move: the variant may intercept it (a slice grant)
-        w("inline preempt(c, w) {")
+        # Machine's preempt move: the variant may intercept it (a slice
+        # grant); by a waiting thread, it is written in the move's line
+        w("inline preempt(c) {  /* by another process: the thread comes back */")
         w("  tmp = cpus[c];")
-        w("  slice_intercepts(tmp, w);")
-        w("  if :: intercepted -> skip")
-        # one schedule_in (the fixup's tables, inlined twice, can pass
-        # SPIN's 2048 jumps in a d_step)
-        w(f"  :: else -> switch_out(tmp, {EV_PREEMPT}); "
-          "incoming = (w == 0 -> tmp : w); schedule_in(incoming, c)")
-        w("  fi")
+        w("  slice_intercepts(tmp, 0);")
+        w(f"  if :: intercepted -> skip :: else -> switch_out(tmp, {EV_PREEMPT}); "
+          "schedule_in(tmp, c) fi")
         w("}")
-        w("inline migrate(t, c) {")
-        w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) "
-          ":: else -> skip fi;")
-        w(f"  switch_out(t, {EV_PREEMPT});")
-        w("  schedule_in(t, c)")
-        w("}")
-        w("inline signal(t) {")
-        w(f"  ev[t] = ev[t] | {EV_SIGNAL}; if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi;")
-        w("  return_to_user(t);")
-        w("  handler(t)")
+        w("inline leave_cpu(c) {  /* the thread on c (if any) is switched out */")
+        w("  tmp = cpus[c];")
+        w(f"  if :: tmp != 0 -> switch_out(tmp, {EV_PREEMPT}) :: else -> skip fi")
         w("}")
         # Machine._after_user_step: the exit, or the variant's rule after a step
         w("inline after_step(t) {")
@@ -1313,7 +1328,7 @@ def check(
     threads: int | None = None,
     memory_mb: int = 4096,
     workdir: str | None = None,
-    seed_states: int = 100_000,
+    seed_states: int = SEED_STATES,
 ):
     """Check ``scenario`` with SPIN; returns a ``Result`` like ``explore``'s
     (mode "spin"), with a violation's trace replayed by the Python engine."""
