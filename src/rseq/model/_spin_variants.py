@@ -47,6 +47,7 @@ class KernelRules:
     options: tuple[str, ...] = ()  # variant options the export knows
     tracks_kernel_writes = False  # writes every field the variant writes, for m.kernel_writes
     intercepts = False  # slice_intercepts can defer a preemption
+    written_ids: tuple[str, ...] = ()  # of node_id and mm_cid, those written as the variant does
     registers = False  # exports threads that register themselves (rseq(2))
     syscalls: frozenset[str] = frozenset()  # system calls beyond the generic ones
 
@@ -362,6 +363,7 @@ class SizeFlagRules(KernelRules):
     options = ("negotiate",)
     registers = True
     tracks_kernel_writes = True
+    written_ids = ("node_id", "mm_cid")
     syscalls = frozenset({"rseq"})
 
     def prepare(self, tb, fields) -> None:

@@ -594,7 +594,9 @@ class Model:
             area_fields.append({f: tb.a(area + offsets[f]) for f in names})
         for addr in sorted(m.memory):
             tb.a(addr)
-        read_only = ("node_id", "mm_cid")
+        # node_id and mm_cid: not written in Promela, except by the
+        # variant rules that write them (size-flag-2020)
+        read_only = tuple(f for f in ("node_id", "mm_cid") if f not in self.rules.written_ids)
         unreadable = {
             self._area(t) + offsets[f] for t in threads for f in read_only if f in offsets
         }
