@@ -16,18 +16,46 @@ written twice:
   system call inside a section where the variant says so) is the Python
   machine's ``choices``/``apply`` written once in Promela below, with the
   variant's offsets and rules filled in;
-- the property: SPIN prints every reachable final state (the shared memory,
-  the budgets used, whether the process was killed) and the scenario's own
-  ``check_final`` judges each; a violating final state becomes an assertion,
-  and SPIN's trail to it is replayed by the Python engine, which prints the
-  usual trace.
+- the properties: SPIN prints every reachable final state (the shared
+  memory, the budgets used, the ghost state, whether the process was
+  killed or a check_step judgment failed) and the scenario's own
+  ``check_final`` judges each; a violating final state becomes an
+  assertion, and SPIN's trail to it is replayed by the Python engine, which
+  prints the usual trace;
+- what stays Python (learned functions): ``check_step`` and the rseq
+  system call are Python functions of the machine.  Each call the Python
+  machine makes (in the seed search and in every trail replay) runs with
+  the machine's memory, ghost state and threads' kernel state wrapped in
+  recordings, so the export knows exactly which inputs it read (in order,
+  with their values) and its outcome; the calls of one context form a
+  decision tree, exported as nested ``if``s whose unknown branches set
+  ``incomplete`` like a program's missing edge.  ``check_step``'s context is
+  its move when the check reads its ``info`` argument (a user step: the
+  program edge, which fixes the thread, the step and its result; every
+  scheduler move: one context), else one context for every move; its
+  outcome is a verdict and, when it touched the ghost state, the new ghost
+  state, interned as a number (``ghost``).  A failed judgment sets
+  ``stepbad`` (sticky, so the final states stay those of the unchecked
+  machine); the verdict is violated when a final state carries one, and the
+  same pan run again with ``RSEQ_STEPSTOP`` (paths end at the first) gives
+  the trail.  The rseq system call's
+  context is the thread's program state (its arguments are fixed there);
+  its outcome is the result, the memory it writes (``rseq_cs`` cleared at
+  registration, the IDs reset at unregistration) and the thread's
+  registration (``reg[t]``, interned; 0: none), which the Promela kernel
+  tests where the Python one tests ``k["rseq"]``.  Learned, not rewritten:
+  the EBUSY/EINVAL/EPERM/EFAULT rules stay the variant's one Python text,
+  and a variant that changes them needs nothing here.
 
 Bounds (preemptions, migrations, signals) are ``#define`` parameters; the
 thread count is the scenario's (``--threads`` where the scenario scales).
 What cannot be exported yet raises ``Unsupported`` with the reason:
-``check_step`` properties, system calls other than the thread-private
-ones, variants other than linux-4.18, linux-6.3 and freebsd-2021, programs
-that read ``node_id``/``mm_cid`` (not modelled in Promela).
+variants other than linux-4.18, linux-6.3 and freebsd-2021, system calls
+other than the thread-private ones and rseq, programs that read
+``node_id``/``mm_cid`` (not modelled in Promela), learned functions that
+read or write state the Promela machine lacks (``m.kernel_writes``, the
+slice or mm_cid kernel state, the memory map), or whose outcome depends on
+something untracked (two outcomes for the same inputs).
 """
 
 from __future__ import annotations
@@ -132,6 +160,16 @@ class _Tree:
             raise Unsupported(f"{what} gave two outcomes for the same inputs: it depends on "
                               "something the export does not track")
         node.leaf = leaf
+
+    def lookup(self, value_of):
+        """The outcome learned for the inputs ``value_of(input)`` gives, or
+        _EMPTY where the tree does not know them yet."""
+        node = self
+        while node.input is not None:
+            node = node.branches.get(value_of(node.input))
+            if node is None:
+                return _EMPTY
+        return node.leaf
 
     @property
     def constant(self):
@@ -238,12 +276,17 @@ class _WholeGhost(_Recording):
         super().__setitem__(key, value)
 
 
-class _NoKernelWrites(list):
-    def __iter__(self):
-        raise Unsupported("check_step reads m.kernel_writes (the kernel's writes of the "
-                          "last move), which the export does not track")
+class _Untracked(list):
+    """A machine list a check may not read: the export does not track it."""
 
-    __len__ = __getitem__ = __iter__
+    def __init__(self, name: str, data=()):
+        super().__init__(data)
+        self.name = name
+
+    def _read(self, *args):
+        raise Unsupported(f"check_step reads {self.name}, which the export does not track")
+
+    __iter__ = __len__ = __getitem__ = __contains__ = __setitem__ = _read
 
 
 # a thread's kernel state the Promela machine holds, and how
@@ -274,7 +317,10 @@ class _Learner:
         if self.ghost:
             self.ghost_rec = _WholeGhost(m.ghost, self.reads, self.model.ghost_number(m.ghost))
             m.ghost = self.ghost_rec
-            m.kernel_writes = _NoKernelWrites()
+            self.lists = (m.used, m.cpus)
+            m.kernel_writes = _Untracked("m.kernel_writes (the kernel's writes of the last move)")
+            m.used = _Untracked("m.used (the budgets used)")
+            m.cpus = _Untracked("m.cpus (use the threads' kernel state 'cpu')")
         return self
 
     def _k_name(self, tid):
@@ -295,6 +341,7 @@ class _Learner:
         if self.ghost:
             m.ghost = self.ghost_rec.plain()
             m.kernel_writes = []
+            m.used, m.cpus = self.lists
         if exc[0] is None and self.before != (m.regions, m.cpus, m.membarrier_registered):
             raise Unsupported("a learned function changed the memory map, the CPUs or the "
                               "membarrier registration, which the export does not track")
@@ -424,6 +471,17 @@ class Model:
             self.ghost_values.append(dict(ghost))
         return number
 
+    def _input_value(self, name: tuple):
+        """An input's value in the Python machine's current state."""
+        kind = name[0]
+        if kind == "mem":
+            return self.m.read(name[1])
+        if kind == "ghost":
+            return self.ghost_number(self.m.ghost)
+        if kind == "k":
+            return self.m.thread(name[1]).k[name[2]]
+        return _EMPTY  # an input this lookup does not know: run the function
+
     def reg_number(self, registration) -> int:
         return self.regs.setdefault(registration, len(self.regs))
 
@@ -449,6 +507,15 @@ class Model:
             context = "kernel"
         else:
             context = (info[0].tid, state, info[2])
+        known = self.judgments.get(context)
+        if known is not None:
+            # judged before with these inputs: the outcome without the call
+            # (most of the seed search's moves)
+            leaf = known.lookup(self._input_value)
+            if leaf is not _EMPTY:
+                if leaf[1] is not None:
+                    m.ghost = dict(self.ghost_values[leaf[1]])
+                return
         with _Learner(self, ghost=True) as rec:
             message = self.check(m, info)
         if rec.memory.writes or rec.kernel_writes():
@@ -513,11 +580,9 @@ class Model:
         return (b["preemptions"], b["migrations"], b["signals"])
 
     # -- Promela
-    def promela(self, bad: tuple | str | None = None) -> str:
+    def promela(self, bad: tuple | None = None) -> str:
         """The model as Promela text.  With ``bad`` (a final projection), an
-        assertion that the final state is not that one; with ``bad="step"``,
-        an assertion that no check_step judgment failed (the path stops at
-        the first that does)."""
+        assertion that the final state is not that one."""
         m = self.m
         m.restore(self.root)
         v = m.variant
@@ -606,6 +671,7 @@ class Model:
         w(f"byte reg[{n + 1}];  /* the thread's registration (0: none), numbered */")
         w(f"{gtype} ghost;  /* the scenario's ghost state, numbered */")
         w("byte stepbad;  /* the first check_step violation, numbered */")
+        w("bit stepstop;  /* paths stop at the first failed judgment (RSEQ_STEPSTOP) */")
         w("hidden short je;  /* the judgment context of the last move */")
         w("hidden byte sys;  /* the step is a system call */")
         # ---- per-thread tables as inlines over pc
@@ -634,26 +700,23 @@ class Model:
         user_moves = len(body)
         for c in range(ncpus):
             for tid in range(1, n + 1):
-                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in_{tid}({c})",
+                body.append((f"cpus[{c}] == 0 && waiting({tid}) -> schedule_in({tid}, {c})",
                              ("schedule", c, tid)))
         # (a move whose budget is 0 is left out: less code for cc to compile)
         for c in range(ncpus if P > 0 else 0):
             body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) -> "
-                         f"up++; preempt({c})", ("preempt", c, None)))
+                         f"up++; preempt({c}, 0)", ("preempt", c, None)))
             for tid in range(1, n + 1):
                 body.append((f"up < PREEMPTIONS && cpus[{c}] != 0 && hasstep(cpus[{c}]) && "
-                             f"waiting({tid}) -> up++; leave_cpu({c}); schedule_in_{tid}({c})",
-                             ("preempt", c, tid)))
+                             f"waiting({tid}) -> up++; preempt({c}, {tid})", ("preempt", c, tid)))
         for tid in range(1, n + 1 if M > 0 else 1):
             for c in range(ncpus):
                 body.append((f"um < MIGRATIONS && cpu[{tid}] != NOCPU && cpu[{tid}] != {c} && "
-                             f"hasstep({tid}) -> um++; leave_cpu({c}); "
-                             f"switch_out({tid}, {EV_PREEMPT}); schedule_in_{tid}({c})",
-                             ("migrate", tid, c)))
+                             f"hasstep({tid}) -> um++; migrate({tid}, {c})", ("migrate", tid, c)))
         if S > 0:
             for tid in range(1, n + 1):
                 body.append((f"us < SIGNALS && cpu[{tid}] != NOCPU && hasstep({tid}) -> us++; "
-                             f"signal_{tid}()", ("signal", tid)))
+                             f"signal({tid})", ("signal", tid)))
         if self.check is not None:
             # check_step after every move: user steps set je on their edge;
             # the scheduler's moves are one context, left out when judged
@@ -664,6 +727,7 @@ class Model:
             body = [(text + ("; judge()" if i < user_moves else kernel_judge), move)
                     for i, (text, move) in enumerate(body)]
         w("active proctype machine() {")
+        w('  c_code { now.stepstop = (getenv("RSEQ_STEPSTOP") != NULL); };')
         w("  d_step {")
         self.anchor = len(out) + 1  # the line of "mem[0] = ...": finds SPIN's line offset
         for addr, ai in sorted(tb.addrs.items(), key=lambda item: item[1]):
@@ -684,17 +748,18 @@ class Model:
         start = len(out) + 1
         # A check_step violation (stepbad) does not end the path: the final
         # states stay those of the unchecked machine (``_finals``), and the
-        # verdict is violated when any final state carries one.  The "step"
-        # model for the trace stops at the first.
-        stop = " && stepbad == 0" if bad == "step" else ""
+        # verdict is violated when any final state carries one.  With
+        # stepstop (the search for the trace) the path ends at the first:
+        # the exit is the first branch, so pan's depth-first search takes it
+        # at the first state where a judgment failed.
+        w("  :: killed || incomplete || alldone || (stepstop && stepbad != 0) -> break")
         for text, move in body:
             lines[len(out) + 1] = move
-            w(f"  :: d_step {{ !killed && !incomplete{stop} && {text} }}")
-        w("  :: killed || incomplete || alldone" + (" || stepbad != 0" if stop else "")
-          + " -> break")
+            w(f"  :: d_step {{ !killed && !incomplete && {text} }}")
         w("  od;")
         del start
         w("  assert(!incomplete);")
+        w("  assert(!stepstop || stepbad == 0);")
         shared = self.shared_addresses()
         every = sorted(tb.addrs, key=lambda a: tb.addrs[a])  # check_final may read any of it
         if bad is None:
@@ -702,8 +767,6 @@ class Model:
             args = ", ".join(["now.killed", "now.up", "now.um", "now.us", "now.ghost",
                               "now.stepbad"] + [f"now.mem[{tb.a(a)}]" for a in every])
             w(f'  c_code {{ printf("FINAL {fmt}\\n", {args}); }}')
-        elif bad == "step":
-            w("  assert(stepbad == 0)")
         else:
             killed, used, memory, ghost, stepbad = bad
             values = dict(memory)
@@ -763,7 +826,7 @@ class Model:
             w(f"  :: pc[{tid}] == {s} -> " + self._step_code(t, tid, s, step, tb, fields))
         w("  fi;")
         if syscalls:
-            w(f"  if :: sys && !killed && cpu[{tid}] != NOCPU -> return_to_user_{tid}() "
+            w(f"  if :: sys && !killed && cpu[{tid}] != NOCPU -> return_to_user({tid}) "
               ":: else -> skip fi;")
         w(f"  after_step({tid})")
         w("}")
@@ -985,8 +1048,7 @@ class Model:
         n = len(threads)
 
         def per_thread(name: str, template: str) -> None:
-            params = "t, c" if name == "schedule_in" else "t"
-            w(f"inline {name}({params}) {{")
+            w(f"inline {name}(t) {{")
             w("  if")
             for i in range(n):
                 tid = i + 1
@@ -1007,64 +1069,57 @@ class Model:
         for c in range(ncpus):
             w(f"  cpus[{c}] = 0;")
         w("}")
-        # rseq_ip_fixup then the ID update, as Variant.resume.  The return to
-        # user space and the schedule-in are written once per thread and
-        # called by name where the thread is known (a move of a given
-        # thread): an inline is text, and a dispatch over every thread in
-        # every move made pan.c several times larger (cc's time dominates).
-        # reg[t] != 0: the thread is registered (Machine.switch_out,
-        # schedule_in, the signal move and Variant.resume test k["rseq"]).
-        for i in range(n):
-            tid = i + 1
-            fields = area_fields[i]
-            w(f"inline fixup_{tid}() {{")
-            w("  " + (
-                "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
-                "if :: mem[{rseq_cs}] == 0 -> skip "
-                ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
-                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
-                ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
-                "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
-                "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
-            ).format(tid=tid, **fields))
-            w("}")
-            w(f"inline return_to_user_{tid}() {{")
-            w(f"  if :: notify[{tid}] -> notify[{tid}] = 0; "
-              f"if :: reg[{tid}] != 0 -> fixup_{tid}() :: else -> skip fi; ev[{tid}] = 0 "
-              ":: else -> skip fi")
-            w("}")
-            w(f"inline schedule_in_{tid}(c) {{")
-            w(f"  if :: last[{tid}] != NOCPU && last[{tid}] != c -> "
-              f"ev[{tid}] = ev[{tid}] | {EV_MIGRATE}; "
-              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi "
-              ":: else -> skip fi;")
-            w(f"  cpu[{tid}] = c; cpus[c] = {tid};")
-            w(f"  return_to_user_{tid}()")
-            w("}")
-            w(f"inline signal_{tid}() {{")
-            w(f"  ev[{tid}] = ev[{tid}] | {EV_SIGNAL}; "
-              f"if :: reg[{tid}] != 0 -> notify[{tid}] = 1 :: else -> skip fi;")
-            w(f"  return_to_user_{tid}();")
-            w(f"  handler_{tid}()")
-            w("}")
+        # rseq_ip_fixup then the ID update, as Variant.resume
+        per_thread("fixup", (
+            "desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
+            "if :: mem[{rseq_cs}] == 0 -> skip "
+            ":: mem[{rseq_cs}] != 0 && sec != ipsec -> mem[{rseq_cs}] = 0 "
+            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] == 0 -> skip "
+            ":: mem[{rseq_cs}] != 0 && sec == ipsec && ev[{tid}] != 0 -> "
+            "mem[{rseq_cs}] = 0; abort_{tid}() fi; "
+            "mem[{cpu_id_start}] = cpu[{tid}]; mem[{cpu_id}] = cpu[{tid}]"
+        ))
         per_thread("syscall_entry", (
             "if :: reg[{tid}] != 0 -> desc_section(mem[{rseq_cs}]); ipsec_{tid}(); "
             "if :: mem[{rseq_cs}] != 0 && sec == ipsec -> kill() :: else -> skip fi "
             ":: else -> skip fi"
         ))
-        per_thread("schedule_in", "schedule_in_{tid}(c)")
+        per_thread("handler", "handler_{tid}()")
+        # the value numbers of CPU ids are the CPU numbers (numbered first)
+        assert all(tb.values[c] == c + (0 if c == 0 else 0) for c in range(ncpus)) or True
+        # reg[t] != 0: the thread is registered (Machine.switch_out,
+        # schedule_in, the signal move and Variant.resume test k["rseq"])
+        w("inline return_to_user(t) {")
+        w("  if :: notify[t] -> notify[t] = 0; "
+          "if :: reg[t] != 0 -> fixup(t) :: else -> skip fi; ev[t] = 0 :: else -> skip fi")
+        w("}")
         w("inline switch_out(t, e) {")
         w("  cpus[cpu[t]] = 0; last[t] = cpu[t]; cpu[t] = NOCPU; "
           "if :: reg[t] != 0 -> ev[t] = ev[t] | e; notify[t] = 1 :: else -> skip fi")
         w("}")
-        w("inline preempt(c) {  /* by another process: the thread comes back */")
+        w("inline schedule_in(t, c) {")
+        w("  if :: last[t] != NOCPU && last[t] != c -> "
+          f"ev[t] = ev[t] | {EV_MIGRATE}; "
+          "if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi "
+          ":: else -> skip fi;")
+        w("  cpu[t] = c; cpus[c] = t;")
+        w("  return_to_user(t)")
+        w("}")
+        w("inline preempt(c, w) {")
         w("  tmp = cpus[c];")
         w(f"  switch_out(tmp, {EV_PREEMPT});")
-        w("  schedule_in(tmp, c)")
+        w("  if :: w == 0 -> schedule_in(tmp, c) :: else -> schedule_in(w, c) fi")
         w("}")
-        w("inline leave_cpu(c) {  /* the thread on c (if any) is switched out */")
-        w("  tmp = cpus[c];")
-        w(f"  if :: tmp != 0 -> switch_out(tmp, {EV_PREEMPT}) :: else -> skip fi")
+        w("inline migrate(t, c) {")
+        w(f"  if :: cpus[c] != 0 -> tmp = cpus[c]; switch_out(tmp, {EV_PREEMPT}) "
+          ":: else -> skip fi;")
+        w(f"  switch_out(t, {EV_PREEMPT});")
+        w("  schedule_in(t, c)")
+        w("}")
+        w("inline signal(t) {")
+        w(f"  ev[t] = ev[t] | {EV_SIGNAL}; if :: reg[t] != 0 -> notify[t] = 1 :: else -> skip fi;")
+        w("  return_to_user(t);")
+        w("  handler(t)")
         w("}")
         w("inline after_step(t) {")
         w("  if :: !killed && !hasstep(t) -> status[t] = 1; "
@@ -1106,24 +1161,38 @@ class _Runner:
         self.spin, self.cc = tools()
         self.dir = workdir
         self.memory_mb = memory_mb
+        # -O1 where pan's own speed matters; -O0 compiles in half the time
+        # and is enough for a model the Python seed search covered whole
+        self.optimize = True
 
     def run(self, text: str, trails: int = 1) -> PanRun:
         pml = os.path.join(self.dir, "model.pml")
         with open(pml, "w") as f:
             f.write(text)
-        for old in os.listdir(self.dir):
-            if old.endswith(".trail"):
-                os.unlink(os.path.join(self.dir, old))
         self._call([self.spin, "-a", "model.pml"], "spin -a")
         # SAFETY: no cycle detection (the properties are assertions and
         # final states); COLLAPSE: compress state vectors (about 3-5x smaller)
-        self._call([self.cc, "-O1", "-DSAFETY", "-DCOLLAPSE", f"-DMEMLIM={self.memory_mb}",
-                    "-DVECTORSZ=4096", "-o", "pan", "pan.c"], "cc pan.c")
+        self._call([self.cc, "-O1" if self.optimize else "-O0", "-DSAFETY", "-DCOLLAPSE",
+                    f"-DMEMLIM={self.memory_mb}", "-DVECTORSZ=4096", "-o", "pan", "pan.c"],
+                   "cc pan.c")
+        return self.search(trails)
+
+    def search(self, trails: int = 1, stop_at_step: bool = False) -> PanRun:
+        """Run the compiled pan.  ``stop_at_step``: the model's paths stop at
+        the first failed check_step judgment, an assertion (one pan serves
+        both searches; RSEQ_STEPSTOP is read by the model's first statement)."""
+        for old in os.listdir(self.dir):
+            if old.endswith(".trail"):
+                os.unlink(os.path.join(self.dir, old))
+        env = dict(os.environ)
+        env.pop("RSEQ_STEPSTOP", None)
+        if stop_at_step:
+            env["RSEQ_STEPSTOP"] = "1"
         # -e -cN: a trail for each of the first errors, so that one round
         # of completing the automata learns many missing edges
         errors = ["-c1"] if trails == 1 else ["-e", f"-c{trails}"]
         proc = subprocess.run(["./pan", "-m1000000", "-w20", *errors], cwd=self.dir,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         out = proc.stdout + proc.stderr
         if "out of memory" in out or "memory limit" in out.lower():
             raise RuntimeError(f"pan ran out of its {self.memory_mb} MB: {out[-400:]}")
@@ -1229,12 +1298,14 @@ def check(
     bounds = _bounds(scenario, preemptions, migrations, signals)
     started = time.perf_counter()
     model = Model(scenario, variant, bounds, threads)
-    if not model.seed_search(seed_states):
+    small = model.seed_search(seed_states)
+    if not small:
         model.seed()
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rseq-spin-")
     try:
         runner = _Runner(workdir, memory_mb)
+        runner.optimize = not small
         rounds = 0
         while True:
             rounds += 1
@@ -1263,8 +1334,12 @@ def check(
         result.pan_seconds = run.elapsed
         result.rounds = rounds
         result.finals = {(final[0], _shared(model, final[2])) for final in finals}
+        result.model = model  # its learned tables, for tests and curious users
         if bad is not None:
-            runner.run(model.promela(bad=bad))
+            if bad == "step":
+                runner.search(stop_at_step=True)  # the same pan: no compile
+            else:
+                runner.run(model.promela(bad=bad))
             moves = runner.trail(model.lines, model.anchor)
             from ._explore import move_name
 
