@@ -379,8 +379,12 @@ def _uses_info(check) -> bool:
     name = code.co_varnames[1]
     if name in code.co_cellvars:
         return True
-    return any(ins.argval == name for ins in dis.get_instructions(code)
-               if ins.opname.startswith("LOAD_FAST") or ins.opname == "LOAD_FAST_CHECK")
+    for ins in dis.get_instructions(code):
+        if ins.opname.startswith("LOAD_FAST"):  # LOAD_FAST_LOAD_FAST (3.13): a pair
+            names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+            if name in names:
+                return True
+    return False
 
 
 class _SyscallTap:
