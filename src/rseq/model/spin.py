@@ -18,18 +18,47 @@ written twice:
   variant's offsets filled in; the variant's own rules (sched_state, the
   slice extension and optimised IDs, seed 000's registration) are Promela
   written in ``_spin_variants``, called through hooks;
-- the property: SPIN prints every reachable final state (the shared memory,
-  the budgets used, whether the process was killed) and the scenario's own
-  ``check_final`` judges each; a violating final state becomes an assertion,
-  and SPIN's trail to it is replayed by the Python engine, which prints the
-  usual trace.
+- the properties: SPIN prints every reachable final state (the shared
+  memory, the budgets used, the ghost state, whether the process was
+  killed or a check_step judgment failed) and the scenario's own
+  ``check_final`` judges each; a violating final state becomes an
+  assertion, and SPIN's trail to it is replayed by the Python engine, which
+  prints the usual trace;
+- what stays Python (learned functions): ``check_step`` and the rseq
+  system call are Python functions of the machine.  Each call the Python
+  machine makes (in the seed search and in every trail replay) runs with
+  the machine's memory, ghost state and threads' kernel state wrapped in
+  recordings, so the export knows exactly which inputs it read (in order,
+  with their values) and its outcome; the calls of one context form a
+  decision tree, exported as nested ``if``s whose unknown branches set
+  ``incomplete`` like a program's missing edge.  ``check_step``'s context is
+  its move when the check reads its ``info`` argument (a user step: the
+  program edge, which fixes the thread, the step and its result; every
+  scheduler move: one context), else one context for every move; its
+  outcome is a verdict and, when it touched the ghost state, the new ghost
+  state, interned as a number (``ghost``).  A failed judgment sets
+  ``stepbad`` (sticky, so the final states stay those of the unchecked
+  machine); the verdict is violated when a final state carries one, and the
+  same pan run again with ``RSEQ_STEPSTOP`` (paths end at the first) gives
+  the trail.  The rseq system call's
+  context is the thread's program state (its arguments are fixed there);
+  its outcome is the result, the memory it writes (``rseq_cs`` cleared at
+  registration, the IDs reset at unregistration) and the thread's
+  registration (``reg[t]``, interned; 0: none), which the Promela kernel
+  tests where the Python one tests ``k["rseq"]``.  Learned, not rewritten:
+  the EBUSY/EINVAL/EPERM/EFAULT rules stay the variant's one Python text,
+  and a variant that changes them needs nothing here.
 
 Bounds (preemptions, migrations, signals) are ``#define`` parameters; the
 thread count is the scenario's (``--threads`` where the scenario scales).
 What cannot be exported yet raises ``Unsupported`` with the reason:
-``check_step`` properties, system calls other than the thread-private
-ones, variants without Promela rules (ktls-2020), programs
-that read ``node_id``/``mm_cid`` (not modelled in Promela).
+variants without Promela rules (ktls-2020), system calls
+other than the thread-private ones and rseq, programs that read
+``node_id``/``mm_cid`` (not modelled in Promela), learned functions that
+read or write state the Promela machine lacks (``m.kernel_writes`` but
+under size-flag-2020, the
+slice or mm_cid kernel state, the memory map), or whose outcome depends on
+something untracked (two outcomes for the same inputs).
 """
 
 from __future__ import annotations
@@ -139,6 +168,16 @@ class _Tree:
             raise Unsupported(f"{what} gave two outcomes for the same inputs: it depends on "
                               "something the export does not track")
         node.leaf = leaf
+
+    def lookup(self, value_of):
+        """The outcome learned for the inputs ``value_of(input)`` gives, or
+        _EMPTY where the tree does not know them yet."""
+        node = self
+        while node.input is not None:
+            node = node.branches.get(value_of(node.input))
+            if node is None:
+                return _EMPTY
+        return node.leaf
 
     @property
     def constant(self):
@@ -279,6 +318,19 @@ class _KernelWrites(list):
         return list.__getitem__(self, index)
 
 
+class _Untracked(list):
+    """A machine list a check may not read: the export does not track it."""
+
+    def __init__(self, name: str, data=()):
+        super().__init__(data)
+        self.name = name
+
+    def _read(self, *args):
+        raise Unsupported(f"check_step reads {self.name}, which the export does not track")
+
+    __iter__ = __len__ = __getitem__ = __contains__ = __setitem__ = _read
+
+
 # a thread's kernel state the Promela machine holds, and how
 _K_EXPORTED = ("rseq", "cpu", "last_cpu", "events", "notify", "status", "extra")
 
@@ -307,7 +359,10 @@ class _Learner:
         if self.ghost:
             self.ghost_rec = _WholeGhost(m.ghost, self.reads, self.model.ghost_number(m.ghost))
             m.ghost = self.ghost_rec
+            self.lists = (m.used, m.cpus)
             m.kernel_writes = _KernelWrites(m.kernel_writes, self.reads, self.model)
+            m.used = _Untracked("m.used (the budgets used)")
+            m.cpus = _Untracked("m.cpus (use the threads' kernel state 'cpu')")
         return self
 
     def _k_name(self, tid):
@@ -328,6 +383,7 @@ class _Learner:
         if self.ghost:
             m.ghost = self.ghost_rec.plain()
             m.kernel_writes = []
+            m.used, m.cpus = self.lists
         if exc[0] is None and self.before != (m.regions, m.cpus, m.membarrier_registered):
             raise Unsupported("a learned function changed the memory map, the CPUs or the "
                               "membarrier registration, which the export does not track")
@@ -365,8 +421,12 @@ def _uses_info(check) -> bool:
     name = code.co_varnames[1]
     if name in code.co_cellvars:
         return True
-    return any(ins.argval == name for ins in dis.get_instructions(code)
-               if ins.opname.startswith("LOAD_FAST") or ins.opname == "LOAD_FAST_CHECK")
+    for ins in dis.get_instructions(code):
+        if ins.opname.startswith("LOAD_FAST"):  # LOAD_FAST_LOAD_FAST (3.13): a pair
+            names = ins.argval if isinstance(ins.argval, tuple) else (ins.argval,)
+            if name in names:
+                return True
+    return False
 
 
 class _SyscallTap:
@@ -463,6 +523,17 @@ class Model:
             self.ghost_values.append(dict(ghost))
         return number
 
+    def _input_value(self, name: tuple):
+        """An input's value in the Python machine's current state."""
+        kind = name[0]
+        if kind == "mem":
+            return self.m.read(name[1])
+        if kind == "ghost":
+            return self.ghost_number(self.m.ghost)
+        if kind == "k":
+            return self.m.thread(name[1]).k[name[2]]
+        return _EMPTY  # an input this lookup does not know: run the function
+
     def reg_number(self, registration) -> int:
         return self.regs.setdefault(registration, len(self.regs))
 
@@ -495,6 +566,15 @@ class Model:
             context = "kernel"
         else:
             context = (info[0].tid, state, info[2])
+        known = self.judgments.get(context)
+        if known is not None:
+            # judged before with these inputs: the outcome without the call
+            # (most of the seed search's moves)
+            leaf = known.lookup(self._input_value)
+            if leaf is not _EMPTY:
+                if leaf[1] is not None:
+                    m.ghost = dict(self.ghost_values[leaf[1]])
+                return
         with _Learner(self, ghost=True) as rec:
             message = self.check(m, info)
         if rec.memory.writes or rec.kernel_writes():
@@ -559,11 +639,9 @@ class Model:
         return (b["preemptions"], b["migrations"], b["signals"])
 
     # -- Promela
-    def promela(self, bad: tuple | str | None = None) -> str:
+    def promela(self, bad: tuple | None = None) -> str:
         """The model as Promela text.  With ``bad`` (a final projection), an
-        assertion that the final state is not that one; with ``bad="step"``,
-        an assertion that no check_step judgment failed (the path stops at
-        the first that does)."""
+        assertion that the final state is not that one."""
         m = self.m
         m.restore(self.root)
         v = m.variant
@@ -656,6 +734,7 @@ class Model:
         w(f"byte reg[{n + 1}];  /* the thread's registration (0: none), numbered */")
         w(f"{gtype} ghost;  /* the scenario's ghost state, numbered */")
         w("byte stepbad;  /* the first check_step violation, numbered */")
+        w("bit stepstop;  /* paths stop at the first failed judgment (RSEQ_STEPSTOP) */")
         w("hidden short je;  /* the judgment context of the last move */")
         w("hidden byte sys;  /* the step is a system call */")
         w("hidden byte leave;  /* the system call leaves the CPU */")
@@ -723,6 +802,7 @@ class Model:
             body = [(text + ("; judge()" if i < user_moves else kernel_judge), move)
                     for i, (text, move) in enumerate(body)]
         w("active proctype machine() {")
+        w('  c_code { now.stepstop = (getenv("RSEQ_STEPSTOP") != NULL); };')
         w("  d_step {")
         self.anchor = len(out) + 1  # the line of "mem[0] = ...": finds SPIN's line offset
         for addr, ai in sorted(tb.addrs.items(), key=lambda item: item[1]):
@@ -744,18 +824,19 @@ class Model:
         start = len(out) + 1
         # A check_step violation (stepbad) does not end the path: the final
         # states stay those of the unchecked machine (``_finals``), and the
-        # verdict is violated when any final state carries one.  The "step"
-        # model for the trace stops at the first.
-        stop = " && stepbad == 0" if bad == "step" else ""
+        # verdict is violated when any final state carries one.  With
+        # stepstop (the search for the trace) the path ends at the first:
+        # the exit is the first branch, so pan's depth-first search takes it
+        # at the first state where a judgment failed.
+        w("  :: killed || incomplete || alldone || (stepstop && stepbad != 0) -> break")
         for text, move in body:
             lines[len(out) + 1] = move
             reset = "; kw = 0" if self.track_kw else ""  # judged: the next move's writes
-            w(f"  :: d_step {{ !killed && !incomplete{stop} && {text}{reset} }}")
-        w("  :: killed || incomplete || alldone" + (" || stepbad != 0" if stop else "")
-          + " -> break")
+            w(f"  :: d_step {{ !killed && !incomplete && {text}{reset} }}")
         w("  od;")
         del start
         w("  assert(!incomplete);")
+        w("  assert(!stepstop || stepbad == 0);")
         shared = self.shared_addresses()
         every = sorted(tb.addrs, key=lambda a: tb.addrs[a])  # check_final may read any of it
         if bad is None:
@@ -763,8 +844,6 @@ class Model:
             args = ", ".join(["now.killed", "now.up", "now.um", "now.us", "now.ghost",
                               "now.stepbad"] + [f"now.mem[{tb.a(a)}]" for a in every])
             w(f'  c_code {{ printf("FINAL {fmt}\\n", {args}); }}')
-        elif bad == "step":
-            w("  assert(stepbad == 0)")
         else:
             killed, used, memory, ghost, stepbad = bad
             values = dict(memory)
@@ -1085,10 +1164,7 @@ class Model:
             w("  if")
             for i in range(n):
                 tid = i + 1
-                # kw_rseq_cs: the clear of rseq_cs as a kernel write, where tracked
-                kw = self.rules.kernel_write(i, "rseq_cs", 8)
-                w(f"  :: t == {tid} -> " + template.format(tid=tid, kw_rseq_cs=kw,
-                                                           **area_fields[i]))
+                w(f"  :: t == {tid} -> " + template.format(tid=tid, **area_fields[i]))
             w("  fi")
             w("}")
 
@@ -1217,24 +1293,38 @@ class _Runner:
         self.spin, self.cc = tools()
         self.dir = workdir
         self.memory_mb = memory_mb
+        # -O1 where pan's own speed matters; -O0 compiles in half the time
+        # and is enough for a model the Python seed search covered whole
+        self.optimize = True
 
     def run(self, text: str, trails: int = 1) -> PanRun:
         pml = os.path.join(self.dir, "model.pml")
         with open(pml, "w") as f:
             f.write(text)
-        for old in os.listdir(self.dir):
-            if old.endswith(".trail"):
-                os.unlink(os.path.join(self.dir, old))
         self._call([self.spin, "-a", "model.pml"], "spin -a")
         # SAFETY: no cycle detection (the properties are assertions and
         # final states); COLLAPSE: compress state vectors (about 3-5x smaller)
-        self._call([self.cc, "-O1", "-DSAFETY", "-DCOLLAPSE", f"-DMEMLIM={self.memory_mb}",
-                    "-DVECTORSZ=4096", "-o", "pan", "pan.c"], "cc pan.c")
+        self._call([self.cc, "-O1" if self.optimize else "-O0", "-DSAFETY", "-DCOLLAPSE",
+                    f"-DMEMLIM={self.memory_mb}", "-DVECTORSZ=4096", "-o", "pan", "pan.c"],
+                   "cc pan.c")
+        return self.search(trails)
+
+    def search(self, trails: int = 1, stop_at_step: bool = False) -> PanRun:
+        """Run the compiled pan.  ``stop_at_step``: the model's paths stop at
+        the first failed check_step judgment, an assertion (one pan serves
+        both searches; RSEQ_STEPSTOP is read by the model's first statement)."""
+        for old in os.listdir(self.dir):
+            if old.endswith(".trail"):
+                os.unlink(os.path.join(self.dir, old))
+        env = dict(os.environ)
+        env.pop("RSEQ_STEPSTOP", None)
+        if stop_at_step:
+            env["RSEQ_STEPSTOP"] = "1"
         # -e -cN: a trail for each of the first errors, so that one round
         # of completing the automata learns many missing edges
         errors = ["-c1"] if trails == 1 else ["-e", f"-c{trails}"]
         proc = subprocess.run(["./pan", "-m1000000", "-w20", *errors], cwd=self.dir,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=env)
         out = proc.stdout + proc.stderr
         if "out of memory" in out or "memory limit" in out.lower():
             raise RuntimeError(f"pan ran out of its {self.memory_mb} MB: {out[-400:]}")
@@ -1340,12 +1430,14 @@ def check(
     bounds = _bounds(scenario, preemptions, migrations, signals)
     started = time.perf_counter()
     model = Model(scenario, variant, bounds, threads)
-    if not model.seed_search(seed_states):
+    small = model.seed_search(seed_states)
+    if not small:
         model.seed()
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rseq-spin-")
     try:
         runner = _Runner(workdir, memory_mb)
+        runner.optimize = not small
         rounds = 0
         while True:
             rounds += 1
@@ -1374,8 +1466,12 @@ def check(
         result.pan_seconds = run.elapsed
         result.rounds = rounds
         result.finals = {(final[0], _shared(model, final[2])) for final in finals}
+        result.model = model  # its learned tables, for tests and curious users
         if bad is not None:
-            runner.run(model.promela(bad=bad))
+            if bad == "step":
+                runner.search(stop_at_step=True)  # the same pan: no compile
+            else:
+                runner.run(model.promela(bad=bad))
             moves = runner.trail(model.lines, model.anchor)
             from ._explore import move_name
 
