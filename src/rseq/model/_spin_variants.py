@@ -48,6 +48,9 @@ class KernelRules:
     tracks_kernel_writes = False  # writes every field the variant writes, for m.kernel_writes
     intercepts = False  # slice_intercepts can defer a preemption
     written_ids: tuple[str, ...] = ()  # of node_id and mm_cid, those written as the variant does
+    # a thread's kernel state (t.k) the rules hold, for the learned rseq(2):
+    # k_test and k_write give its Promela, or None where they cannot
+    k_keys: tuple[str, ...] = ()
     registers = False  # exports threads that register themselves (rseq(2))
     syscalls: frozenset[str] = frozenset()  # system calls beyond the generic ones
 
@@ -77,6 +80,12 @@ class KernelRules:
                      "after_yield"):
             w(f"inline {name}(t) {{ skip }}")
         w("inline slice_intercepts(t, w) { skip }")
+
+    def k_test(self, tid: int, key: str, value) -> str | None:
+        return None
+
+    def k_write(self, tid: int, key: str, value) -> str | None:
+        return None
 
     def syscall(self, t, tid, step, branch_on, goto, default) -> str | None:
         """Promela for the system call ``step`` (its result fed through
@@ -151,6 +160,17 @@ class SchedStateRules(KernelRules):
         tb.v(0)
         tb.v(_abi.SCHED_STATE_ON_CPU)
 
+    k_keys = ("extra",)
+
+    def k_write(self, tid: int, key: str, value) -> str | None:
+        """A registration's shared area (``extra``) as the learned rseq(2)
+        sets it: the rules write sched_state at a constant address, so only
+        the thread's own one (none: () or (0,)) is held."""
+        shared = self.shared[tid - 1]
+        if value in ((), (0,)) and shared is None:
+            return "skip"
+        return None
+
     def _write(self, on: bool):
         value = self.tb.v(_abi.SCHED_STATE_ON_CPU if on else 0)
 
@@ -185,9 +205,36 @@ class SliceRules(KernelRules):
     options = ("revoke_on_syscall", "slice_steps", "slice_disabled_at_boot")
     syscalls = frozenset({"prctl", "rseq_slice_yield"})
 
+    k_keys = ("extra", "slice")
+
     @property
     def intercepts(self) -> bool:
         return self.slices
+
+    def _mode(self, i: int) -> str:
+        """The registration mode update_ids is written for (legacy unless
+        the thread starts registered in optimised mode)."""
+        extra = self.threads[i].k["extra"]
+        return "optimised" if extra and extra[0] == "optimised" else "legacy"
+
+    def k_test(self, tid: int, key: str, value) -> str | None:
+        if key == "slice":
+            enabled, left, pending = value
+            return (f"(slen[{tid}] == {int(enabled)} && sleft[{tid}] == {left} && "
+                    f"spend[{tid}] == {pending or 0})")
+        return None
+
+    def k_write(self, tid: int, key: str, value) -> str | None:
+        """What Linux70.before_activate and _unregister set: the slice
+        state, and the registration mode with its empty ID cache (the mode
+        must be the one update_ids is written for)."""
+        if key == "slice":
+            enabled, left, pending = value
+            return (f"slen[{tid}] = {int(enabled)}; sleft[{tid}] = {left}; "
+                    f"spend[{tid}] = {pending or 0}")
+        if value == () or (value[0] == self._mode(tid - 1) and value[1] == ()):
+            return f"idcache[{tid}] = NOCACHE"
+        return None
 
     def prepare(self, tb, fields) -> None:
         super().prepare(tb, fields)
@@ -215,7 +262,11 @@ class SliceRules(KernelRules):
         # left out (less code in every move: SPIN allows 2048 jumps in a
         # d_step)
         enable = (_abi.PR_RSEQ_SLICE_EXTENSION, _abi.PR_RSEQ_SLICE_EXTENSION_SET)
-        self.slices = any(t.k["slice"][0] for t in self.threads) or any(
+        default_on = any(
+            type(step).__name__ == "Syscall" and step.name == "rseq" and len(step.args) > 2
+            and step.args[2] & _abi.FLAG_SLICE_EXT_DEFAULT_ON
+            for t in self.threads for step in t.table.steps)
+        self.slices = default_on or any(t.k["slice"][0] for t in self.threads) or any(
             type(step).__name__ == "Syscall" and step.name == "prctl"
             and tuple(step.args[:2]) == enable and len(step.args) > 2
             and step.args[2] & _abi.PR_RSEQ_SLICE_EXT_ENABLE

@@ -369,7 +369,7 @@ class _Learner:
         def name(key):
             if key is None:
                 return f"T{tid}'s kernel state"
-            if key not in _K_EXPORTED:
+            if key not in _K_EXPORTED and key not in self.model.rules.k_keys:
                 raise Unsupported(f"a learned function reads T{tid}'s kernel state "
                                   f"{key!r}, which the Promela machine lacks")
             return ("k", tid, key)
@@ -387,6 +387,8 @@ class _Learner:
         if exc[0] is None and self.before != (m.regions, m.cpus, m.membarrier_registered):
             raise Unsupported("a learned function changed the memory map, the CPUs or the "
                               "membarrier registration, which the export does not track")
+        if "extra" in self.model.rules.k_keys:
+            return  # the variant's rules hold its registration state (_spin_variants)
         extra = [v for k in self.ks for key, v in k.writes.items() if key == "extra"]
         if any(v != () for v in extra):
             raise Unsupported("the variant keeps registration state in 'extra' "
@@ -403,9 +405,9 @@ class _Learner:
         out = []
         for tid, k in enumerate(self.ks, 1):
             for key, value in k.writes.items():
-                if key == "extra":
+                if key == "extra" and key not in self.model.rules.k_keys:
                     continue
-                if key not in ("rseq", "notify", "events"):
+                if key not in ("rseq", "notify", "events", *self.model.rules.k_keys):
                     raise Unsupported(f"a learned function writes T{tid}'s kernel state "
                                       f"{key!r}, which the export does not track")
                 out.append((tid, key, value))
@@ -1005,6 +1007,12 @@ class Model:
         if name[0] == "kw":
             return f"kw == {sum(1 << self.kw_bit(entry) for entry in value)}"
         _, tid, key = name
+        if key in self.rules.k_keys:
+            test = self.rules.k_test(tid, key, value)
+            if test is None:
+                raise Unsupported(f"a learned function reads T{tid}'s {key} = {value!r}, "
+                                  f"which the rules of {self.variant} do not hold")
+            return test
         return f"{self._K_VARS[key]}[{tid}] == {self._k_value(key, value)}"
 
     def _effect(self, tid: int, leaf: tuple, goto) -> str:
@@ -1016,6 +1024,13 @@ class Model:
         parts = [f"mem[{self.tb.a(a)}] = {self.tb.v(v)}" for a, v in memory
                  if a not in self.unexported]
         for t, key, value in kernel:
+            if key in self.rules.k_keys:
+                write = self.rules.k_write(t, key, value)
+                if write is None:
+                    raise Unsupported(f"a learned function sets T{t}'s {key} to {value!r}, "
+                                      f"which the rules of {self.variant} do not hold")
+                parts.append(write)
+                continue
             parts.append(f"{self._K_VARS[key]}[{t}] = {self._k_value(key, value)}")
         parts.append(goto(result))
         return "; ".join(parts)
