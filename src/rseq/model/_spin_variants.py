@@ -8,7 +8,7 @@ it calls the hooks below, which each variant's rules define:
 hook (Promela inline)       Python (``variants/*.py``)
 ==========================  ================================================
 ``registered(t)``           ``t.k["rseq"] is not None`` (a macro)
-``update_ids(t)``           ``Variant.update_ids`` (from ``resume``)
+``update_ids_<tid>()``      ``Variant.update_ids`` (from ``resume``)
 ``on_switch_in(t)``         ``Machine._assign_cid``, ``on_switch(.., True)``
 ``on_switch_out(t)``        ``on_switch(.., False)``
 ``on_exit(t)``              ``on_exit``
@@ -36,13 +36,19 @@ from __future__ import annotations
 from . import _abi
 from ._machine import EV_PREEMPT
 
-# Linux 4.18 / 6.3 / FreeBSD: the generic kernel as it is
-_NOCACHE = 255
+_NOCACHE = 255  # linux-7.0's idcache: no ID written since the registration
+
+
+def _unsupported(why: str) -> Exception:
+    from .spin import Unsupported  # spin imports this module
+
+    return Unsupported(why)
 
 
 class KernelRules:
-    """Linux 4.18's rules: every thread registered before it starts, the
-    two CPU id fields written on return to user space, no other hook."""
+    """Linux 4.18's and 6.3's rules, and FreeBSD's: the two CPU id fields
+    written on return to user space, no other hook (the generic kernel in
+    spin.Model._kernel is all of it)."""
 
     options: tuple[str, ...] = ()  # variant options the export knows
     tracks_kernel_writes = False  # writes every field the variant writes, for m.kernel_writes
@@ -108,9 +114,6 @@ class KernelRules:
         w("  fi")
         w("}")
 
-    def addr(self, t, field: str) -> int:
-        return self.tb.a(t.ctx.area + self.variant.offsets[field])
-
     def writable(self, address: int, size: int = 4) -> bool:
         return self.m.accessible(address, size, True)
 
@@ -122,10 +125,8 @@ class KernelRules:
         if not self.model.track_kw:
             return ""
         if not self.tracks_kernel_writes:
-            from .spin import Unsupported
-
-            raise Unsupported("check_step reads the kernel's writes, which the export of "
-                              f"{self.model.variant} does not track")
+            raise _unsupported("check_step reads the kernel's writes, which the export of "
+                               f"{self.model.variant} does not track")
         t = self.threads[i]
         if address is None:
             address = t.ctx.area + self.variant.offsets[field]
@@ -148,26 +149,29 @@ class SchedStateRules(KernelRules):
     on a CPU) in the thread's shared area on every switch in and out, and
     clears it when the thread exits."""
 
+    k_keys = ("extra",)
+
     def prepare(self, tb, fields) -> None:
         super().prepare(tb, fields)
-        self.shared = []
+        self.shared = []  # the address number of each thread's sched_state, or None
+        self.areas = []
         for t in self.threads:
-            # the registration is the scenario's own (no rseq(2) in the
-            # programs: refused below), so the shared area is a constant
+            # the shared area is the one the thread starts registered with:
+            # a constant (a registration by the program may only keep it,
+            # k_write)
             extra = t.k["extra"]
             area = extra[0] if t.k["rseq"] is not None and extra and extra[0] else 0
+            self.areas.append(area)
             self.shared.append(tb.a(area) if area and self.writable(area) else None)
         tb.v(0)
         tb.v(_abi.SCHED_STATE_ON_CPU)
 
-    k_keys = ("extra",)
-
     def k_write(self, tid: int, key: str, value) -> str | None:
         """A registration's shared area (``extra``) as the learned rseq(2)
-        sets it: the rules write sched_state at a constant address, so only
-        the thread's own one (none: () or (0,)) is held."""
-        shared = self.shared[tid - 1]
-        if value in ((), (0,)) and shared is None:
+        sets it: held when it is the thread's constant one (none: () or
+        (0,) where the thread has none)."""
+        area = self.areas[tid - 1]
+        if value == (area,) or (area == 0 and value == ()):
             return "skip"
         return None
 
@@ -244,9 +248,7 @@ class SliceRules(KernelRules):
             request = area + _abi.OFF_SLICE_REQUEST
             granted = area + _abi.OFF_SLICE_GRANTED
             if not (self.writable(request, 1) and self.writable(granted, 1)):
-                from .spin import Unsupported
-
-                raise Unsupported(f"{t.name}'s slice_ctrl is not mapped")
+                raise _unsupported(f"{t.name}'s slice_ctrl is not mapped")
             self.slice.append((tb.a(request), tb.a(granted), tb.a(area + _abi.OFF_FLAGS)))
         for t in self.threads:
             for step in t.table.steps:
@@ -254,9 +256,7 @@ class SliceRules(KernelRules):
                 if type(step).__name__ in ("Store", "Cas") and addr in {
                     t.ctx.area + self.variant.offsets[f] for f in ("node_id", "mm_cid")
                 }:
-                    from .spin import Unsupported
-
-                    raise Unsupported(f"{t.name} writes {self.m.sym(addr)} (not exported)")
+                    raise _unsupported(f"{t.name} writes {self.m.sym(addr)} (not exported)")
         # whether a slice can ever be granted: a thread registered with the
         # extension on, or a prctl that enables it; else the slice rules are
         # left out (less code in every move: SPIN allows 2048 jumps in a
@@ -418,17 +418,15 @@ class SizeFlagRules(KernelRules):
     syscalls = frozenset({"rseq"})
 
     def prepare(self, tb, fields) -> None:
-        from .spin import Unsupported
-
         super().prepare(tb, fields)
         v = self.variant
         self.registrations = []
         for t in self.threads:
             for args in self._calls(t):
                 if args[2] & _abi.FLAG_UNREGISTER:
-                    raise Unsupported(f"{t.name} unregisters (not exported under {v.name})")
+                    raise _unsupported(f"{t.name} unregisters (not exported under {v.name})")
                 if args[0] != t.ctx.area:
-                    raise Unsupported(f"{t.name} registers another area than its own")
+                    raise _unsupported(f"{t.name} registers another area than its own")
             area = t.ctx.area
             extra = {}
             for name in ("flags", "user_size", "kernel_size", "node_id", "mm_cid"):
