@@ -441,6 +441,15 @@ def test_bad_indexes(pool):
             pool.free(bad)
         with pytest.raises(TypeError):
             pool.view(bad)
+    # alloc and alloc_index are METH_FASTCALL (the fast call path): they
+    # still refuse arguments, and allocate nothing when they do.
+    before = pool.stats().free
+    for method in (pool.alloc, pool.alloc_index):
+        with pytest.raises(TypeError, match="takes no arguments"):
+            method(1)
+        with pytest.raises(TypeError):
+            method(n=1)
+    assert pool.stats().free == before
 
 
 def test_block_of_another_pool(tmp_path, pool):
@@ -601,7 +610,8 @@ def test_bench_pool_section_structure():
     assert {"title", "unit", "rounds", "ns", "ratio_to_floor", "floor", "targets",
             "c_level_ns"} <= set(result)
     assert {"{}.get(1) [floor]", "pool.alloc_index() + pool.free(i)",
-            "pool.alloc() + memoryview + free", "bytearray(64)", "bytearray(4096)",
+            "pool.alloc() + block.view + free", "pool.alloc() + memoryview(block) + free",
+            "with pool.alloc() as mv: (frees)", "bytearray(64)", "bytearray(4096)",
             "SharedMemory(4096) + close + unlink"} <= set(result["ns"])
     assert all(0 < v < 1e7 for v in result["ns"].values())
     assert all(0 < v < 1e5 for v in result["c_level_ns"].values())
