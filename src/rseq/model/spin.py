@@ -1309,7 +1309,9 @@ class _Runner:
         self.dir = workdir
         self.memory_mb = memory_mb
         # -O1 where pan's own speed matters; -O0 compiles in half the time
-        # and is enough for a model the Python seed search covered whole
+        # and is enough for a model the Python seed search covered whole,
+        # whose trails are then made shortest (-DREACH, pan -i: a few
+        # re-searches of a small model)
         self.optimize = True
 
     def run(self, text: str, trails: int = 1) -> PanRun:
@@ -1319,9 +1321,9 @@ class _Runner:
         self._call([self.spin, "-a", "model.pml"], "spin -a")
         # SAFETY: no cycle detection (the properties are assertions and
         # final states); COLLAPSE: compress state vectors (about 3-5x smaller)
-        self._call([self.cc, "-O1" if self.optimize else "-O0", "-DSAFETY", "-DCOLLAPSE",
-                    f"-DMEMLIM={self.memory_mb}", "-DVECTORSZ=4096", "-o", "pan", "pan.c"],
-                   "cc pan.c")
+        flags = ["-O1"] if self.optimize else ["-O0", "-DREACH"]
+        self._call([self.cc, *flags, "-DSAFETY", "-DCOLLAPSE", f"-DMEMLIM={self.memory_mb}",
+                    "-DVECTORSZ=4096", "-o", "pan", "pan.c"], "cc pan.c")
         return self.search(trails)
 
     def search(self, trails: int = 1, stop_at_step: bool = False) -> PanRun:
@@ -1338,6 +1340,8 @@ class _Runner:
         # -e -cN: a trail for each of the first errors, so that one round
         # of completing the automata learns many missing edges
         errors = ["-c1"] if trails == 1 else ["-e", f"-c{trails}"]
+        if trails == 1 and not self.optimize:
+            errors.insert(0, "-i")  # the shortest trail (compiled with -DREACH)
         proc = subprocess.run(["./pan", "-m1000000", "-w20", *errors], cwd=self.dir,
                               capture_output=True, text=True, env=env)
         out = proc.stdout + proc.stderr
