@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers.model_results import explored
 from rseq.model import SCENARIOS, explore
 
 # (scenario, variant) for every variant a scenario is stated for, except
@@ -18,7 +19,7 @@ CASES = [
 @pytest.mark.parametrize("name,variant", CASES)
 def test_scenario_outcome(name, variant):
     scenario = SCENARIOS[name]
-    result = explore(name, variant)
+    result = explored(name, variant)
     assert result.complete, "the state limit cut the search"
     assert result.states > 0
     expected = scenario.expected(variant)
