@@ -126,10 +126,8 @@ def _check_spin(args, scenario, bounds) -> int:
         print(json.dumps([r.to_dict() for r in results] if len(results) > 1
                          else result.to_dict(), indent=2))
     else:
-        texts = [r.report() for r in results]
-        texts[-1] += (f"\nspin: {result.rounds} completion round(s) (a pan run each), "
-                      f"the last pan run {result.pan_seconds:.2f} s")
-        print("\n\n".join(texts))
+        # SPIN's report gives pan's time and the rounds (Result.report)
+        print("\n\n".join(r.report() for r in results))
     verdicts = {r.verdict for r in results}
     if len(results) > 1:
         if len(verdicts) > 1:
