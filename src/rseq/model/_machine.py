@@ -331,6 +331,10 @@ class Machine:
         self._layout_no = -1
         self._shapes: list[tuple] = [_K_NAMES]
         self._shape_index: dict[tuple, int] = {_K_NAMES: 0}
+        # a thread's kernel state (shape, values) as one small int: few
+        # distinct ones exist, and a key then holds one int per thread
+        self._kstates: list[tuple] = []
+        self._kstate_index: dict[tuple, int] = {}
 
     def _hook(self, name: str):
         hook = getattr(self.variant, name)
@@ -552,11 +556,12 @@ class Machine:
     # A state is one bytes object, the marshalled tuple
     #   (address set, memory values, threads, cpus, ghost items, budgets used,
     #    killed, memory layout, membarrier registered)
-    # with each thread as (kernel field names, kernel values, local state).
+    # with the threads as a flat tuple of (kernel state, local state) ints,
+    # the kernel state naming an interned (field names, values) pair.
     # It is both the visited set's key and the snapshot the search restores
     # from, so a stored state costs its bytes once.  The address set, the
-    # field names and the layout are small ints naming interned tuples: they
-    # change rarely.  A thread that is not running saves its local state as
+    # kernel states and the layout are small ints naming interned tuples:
+    # few distinct ones exist.  A thread that is not running saves its local state as
     # -1 (it no longer matters): equal otherwise, such states are the same.
 
     def snapshot(self) -> bytes:
@@ -567,9 +572,12 @@ class Machine:
             # decode once; a state is restored once per move tried from it
             addrs, values, threads, cpus, ghost, used, killed, layout, mb = marshal.loads(snap)
             shapes = self._shapes
+            kstates = self._kstates
             ks = []
             states = []
-            for t, (shape, kv, state) in zip(self.threads, threads):
+            for i, t in enumerate(self.threads):
+                shape, kv = kstates[threads[2 * i]]
+                state = threads[2 * i + 1]
                 ks.append(dict(zip(shapes[shape], kv)))
                 if state < 0:
                     state = t.table.done_state() if t.table is not None else 0
@@ -617,13 +625,19 @@ class Machine:
             self._layout_seen = self.regions
             self._layout_no = self._intern(self._layout_index, self._layouts, self.regions)
         threads = []
+        kindex = self._kstate_index
         for t in self.threads:
             k = t.k
             if len(k) == _K_FIELDS:
                 shape = 0
             else:
                 shape = self._intern(self._shape_index, self._shapes, tuple(k))
-            threads.append((shape, tuple(k.values()), t.state if k["status"] == "run" else -1))
+            kv = (shape, tuple(k.values()))
+            kid = kindex.get(kv)
+            if kid is None:
+                kid = self._intern(kindex, self._kstates, kv)
+            threads.append(kid)
+            threads.append(t.state if k["status"] == "run" else -1)
         ghost = self.ghost
         return marshal.dumps((
             self._mem_addrs,
