@@ -175,6 +175,24 @@ def arena_throughput_rounds(rounds: int, seconds: float) -> dict:
     return _scaling_rounds(arena_throughput, "arena", "adds/s", rounds, seconds)
 
 
+def _run_workers(ctx, target, path: str, processes: int, seconds: float,
+                 reference: bool) -> int:
+    """Start `processes` workers `target(path, seconds, start, results, i,
+    reference)`, release them together, wait for them: the sum of what each
+    put in its results slot."""
+    start = ctx.Event()
+    results = ctx.Array("q", processes)
+    procs = [ctx.Process(target=target, args=(path, seconds, start, results, i, reference))
+             for i in range(processes)]
+    for p in procs:
+        p.start()
+    time.sleep(0.2)
+    start.set()
+    for p in procs:
+        p.join()
+    return sum(results)
+
+
 def arena_throughput(processes: int, seconds: float,
                      reference: bool = False) -> tuple[float, bool]:
     """(adds per second, exact) of `processes` workers on one arena counter
@@ -185,18 +203,7 @@ def arena_throughput(processes: int, seconds: float,
         path = os.path.join(tmp, "arena")
         with Arena.create(path, capacity=4) as arena:
             counter = arena.counter("throughput")
-            start = ctx.Event()
-            results = ctx.Array("q", processes)
-            procs = [ctx.Process(target=_throughput_worker,
-                                 args=(path, seconds, start, results, i, reference))
-                     for i in range(processes)]
-            for p in procs:
-                p.start()
-            time.sleep(0.2)
-            start.set()
-            for p in procs:
-                p.join()
-            total = sum(results)
+            total = _run_workers(ctx, _throughput_worker, path, processes, seconds, reference)
             return total / seconds, reference or counter.value() == total
 
 
@@ -515,18 +522,8 @@ def ring_throughput(processes: int, seconds: float, reference: bool = False) -> 
         path = os.path.join(tmp, "ring")
         with Ring.create(path, size_per_cpu=1 << 20, max_record=256,
                          policy="overwrite") as ring:
-            start = ctx.Event()
-            results = ctx.Array("q", processes)
-            procs = [ctx.Process(target=_ring_throughput_worker,
-                                 args=(path, seconds, start, results, i, reference))
-                     for i in range(processes)]
-            for p in procs:
-                p.start()
-            time.sleep(0.2)
-            start.set()
-            for p in procs:
-                p.join()
-            total = sum(results)
+            total = _run_workers(ctx, _ring_throughput_worker, path, processes, seconds,
+                                 reference)
             return total / seconds, reference or ring.stats().committed == total
 
 

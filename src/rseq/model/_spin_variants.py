@@ -488,18 +488,16 @@ class SizeFlagRules(KernelRules):
                    f"mem[{f['cpu_id']}] = cpu[{tid}]{kw(i, 'cpu_id')}"]
             if not self.wide:  # kernel_size stays below node_id's end
                 return "; ".join(out)
-            node = reg["node_id"]
-            address = self.threads[i].ctx.area + _abi.SF_OFF_NODE_ID
-            write = (f"node_value(cpu[{tid}]); mem[{node}] = ks{kw(i, 'node_id')}"
-                     if node is not None and self.writable(address) else "kill()")
-            out.append(f"if :: ksize[{tid}] >= {_abi.SF_OFF_NODE_ID + 4} -> {write} "
-                       ":: else -> skip fi")
-            cidf = reg["mm_cid"]
-            address = self.threads[i].ctx.area + _abi.SF_OFF_MM_CID
-            write = (f"cid_value(cid[{tid}]); mem[{cidf}] = ks{kw(i, 'mm_cid')}"
-                     if cidf is not None and self.writable(address) else "kill()")
-            out.append(f"if :: !killed && ksize[{tid}] >= {_abi.SF_OFF_MM_CID + 4} -> {write} "
-                       ":: else -> skip fi")
+            # node_id, then mm_cid unless writing node_id killed the process
+            for field, offset, value, guard in (
+                    ("node_id", _abi.SF_OFF_NODE_ID, f"node_value(cpu[{tid}])", ""),
+                    ("mm_cid", _abi.SF_OFF_MM_CID, f"cid_value(cid[{tid}])", "!killed && ")):
+                slot = reg[field]
+                address = self.threads[i].ctx.area + offset
+                write = (f"{value}; mem[{slot}] = ks{kw(i, field)}"
+                         if slot is not None and self.writable(address) else "kill()")
+                out.append(f"if :: {guard}ksize[{tid}] >= {offset + 4} -> {write} "
+                           ":: else -> skip fi")
             return "; ".join(out)
         w("inline node_value(c) {")
         w("  if")
