@@ -73,12 +73,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ._learn import SYSCALL_RESULTS as _SYSCALL_RESULTS  # getcpu: the CPU
+from ._learn import learn_programs
 from ._machine import EV_MIGRATE, EV_PREEMPT, EV_SIGNAL, OUTSIDE_IP, Killed, Machine
 from ._program import Cas, Choose, Load, Mark, Store, Syscall
 from ._spin_variants import VARIANT_RULES, rules_for
 
 SUPPORTED_VARIANTS = ("linux-4.18", "linux-6.3", "freebsd-2021", *VARIANT_RULES)
-_SYSCALL_RESULTS = {"getpid": 0, "nop": 0, "write": 0}  # getcpu: the CPU
 # system calls whose effect is learned from the variant's Python code
 LEARNED_SYSCALLS = ("rseq",)
 MAX_ROUNDS = 60  # model completion rounds before giving up
@@ -495,7 +496,7 @@ class Model:
         self.variant = variant
         self.bounds = bounds
         self.nthreads = threads
-        self.m: Machine = build(scenario, variant, threads)
+        self.m: Machine = scenario.build(variant, threads)
         self.root = self.m.snapshot()
         self.lines: dict[int, tuple] = {}
         # learned functions (see "learned functions" above) and their numbering
@@ -1283,14 +1284,6 @@ class Model:
         w("}")
 
 
-def build(scenario, variant: str, threads: int | None = None) -> Machine:
-    if threads is not None:
-        if getattr(scenario, "scale", None) is None:
-            raise Unsupported(f"{scenario.name} has a fixed number of threads")
-        return scenario.build(variant, threads=threads)
-    return scenario.build(variant)
-
-
 # ---------------------------------------------------------------- running
 
 
@@ -1459,24 +1452,29 @@ def check(
     """Check ``scenario`` with SPIN; returns a ``Result`` like ``explore``'s
     (mode "spin"), with a violation's trace replayed by the Python engine."""
     from ._explore import Result, _bounds, _resolve, replay
-    from ._learn import learn_programs
-
     scenario, variant = _resolve(scenario, variant)
     bounds = _bounds(scenario, preemptions, migrations, signals, threads)
     started = time.perf_counter()
-    model = Model(scenario, variant, bounds, threads)
+
+    def seeded() -> tuple[Model, bool]:
+        """A model seeded from the machine, and whether the seed search
+        covered it whole (small)."""
+        fresh = Model(scenario, variant, bounds, threads)
+        whole = fresh.seed_search(seed_states)
+        if not whole:
+            fresh.seed()
+        return fresh, whole
+
     # the scenarios that scale (the counters: no check_step, no
     # registration by the programs) learn their automata thread by thread
     # (_learn.py: well under a second at any thread count); the others,
     # and a learned model too large for SPIN, are seeded from the machine
     learned = scenario.scale is not None
-    small = False
     if learned:
+        model, small = Model(scenario, variant, bounds, threads), False
         learn_programs(model.m, bounds["signals"] > 0)
     else:
-        small = model.seed_search(seed_states)
-        if not small:
-            model.seed()
+        model, small = seeded()
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="rseq-spin-")
     try:
@@ -1493,10 +1491,7 @@ def check(
                 # the learned automata over-approximate too much for SPIN's
                 # d_steps (pointer-chasing programs, system calls that
                 # expand the kernel's return path): seed from the machine
-                model = Model(scenario, variant, bounds, threads)
-                small = model.seed_search(seed_states)
-                if not small:
-                    model.seed()
+                model, small = seeded()
                 runner.optimize = not small
                 learned = False
                 continue
