@@ -124,6 +124,16 @@ def test_engine_both_on_the_command_line(spin_tool, capsys):
     assert "replay with: --schedule" in out
 
 
+def test_pan_out_of_memory_is_inconclusive(spin_tool, capsys):
+    """pan stopped by its memory limit is no verdict: exit 3, NOTHING
+    CHECKED, one line saying which limit (not a traceback)."""
+    with pytest.raises(spin.PanOutOfMemory):
+        spin.check("counter", memory_mb=1)
+    assert model_main(["check", "counter", "--engine", "spin", "--pan-memory", "1"]) == 3
+    out = capsys.readouterr().out
+    assert "NOTHING CHECKED" in out and "1 MiB limit" in out and "HOLDS" not in out
+
+
 def test_missing_spin_is_a_clear_message(monkeypatch, capsys):
     monkeypatch.setattr(spin.shutil, "which", lambda name: None)
     with pytest.raises(spin.SpinMissing, match="apt-get install spin"):

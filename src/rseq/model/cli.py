@@ -119,6 +119,13 @@ def _check_spin(args, scenario, bounds) -> int:
         raise UsageError(str(e)) from None
     except spin.Unsupported as e:
         raise UsageError(f"no Promela export: {e}") from None
+    except spin.PanOutOfMemory:
+        # a resource limit stopped the search: inconclusive, as the
+        # Python engine's --max-memory
+        print(f"scenario {scenario.name}: NOTHING CHECKED: SPIN's pan reached its "
+              f"{args.pan_memory} MiB limit before the search completed (raise --pan-memory, "
+              "or use --hash-compact)")
+        return EXIT_INCONCLUSIVE
     results = [result]
     if args.engine == "both":
         results.insert(0, _explore_measured(args, scenario, bounds))

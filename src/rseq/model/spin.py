@@ -97,6 +97,10 @@ class SpinMissing(Exception):
     """spin or a C compiler is not installed."""
 
 
+class PanOutOfMemory(RuntimeError):
+    """pan reached its memory limit: the search did not complete."""
+
+
 def tools() -> tuple[str, str]:
     """Paths of spin and the C compiler, or SpinMissing saying which is absent."""
     spin = shutil.which("spin")
@@ -1352,7 +1356,7 @@ class _Runner:
         out = proc.stdout + proc.stderr
         if ("out of memory" in out or "memory limit" in out.lower()
                 or "MEMLIM bound" in out):
-            raise RuntimeError(f"pan ran out of its {self.memory_mb} MB: {out[-400:]}")
+            raise PanOutOfMemory(f"pan ran out of its {self.memory_mb} MB: {out[-400:]}")
         run = PanRun(out)
         # large counts come in exponent form (1.2e+08 transitions)
         run.states = int(_num(r"([\d.e+]+) states, stored", out, float, 0))
